@@ -1,0 +1,3 @@
+//! Subcommands other than `demo` and `bench`: one module each, `Args` + `run`.
+
+pub mod run;

@@ -1,0 +1,58 @@
+//! `kintsugi`: keep Linux applications alive through failures.
+//!
+//! One binary, one subcommand per rung of the recovery ladder (see ARCHITECTURE.md). Each
+//! subcommand lives in its own module with a clap `Args` struct and a `run` function, so the
+//! dispatch below is the only shared place; libraries do the work, this crate parses flags,
+//! sets up logging and turns library errors into messages that name the fix.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod cmd;
+mod demo;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "kintsugi", version, about = "Keep Linux applications alive through failures.")]
+struct Cli {
+    /// Log format for structured events on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = logging::Format::Text)]
+    log_format: logging::Format,
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every rung of the recovery ladder that exists, end to end, and say what happened.
+    Demo(demo::Args),
+    /// Supervise a command: restart it on failure, like `systemd-run -p Restart=on-failure`.
+    Run(cmd::run::Args),
+    /// Benchmarks: print a human table, or with --json the object the issue specifies.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, cli.verbose);
+    let result = match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // One chain, printed once: "kintsugi: <what>: <why>: <root cause>".
+            eprintln!("kintsugi: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

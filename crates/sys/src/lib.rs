@@ -13,6 +13,8 @@
 //! - Nothing here allocates between `fork` and `exec`/`_exit` unless the function says so.
 
 pub mod clock;
+pub mod fault;
+pub mod fs_ring;
 pub mod pidfd;
 pub mod process;
 pub mod shm;

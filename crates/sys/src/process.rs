@@ -71,14 +71,22 @@ pub fn exit_now(code: i32) -> ! {
 pub fn kill(pid: Pid, sig: i32) -> io::Result<()> {
     // SAFETY: kill takes plain integers and touches no memory of ours.
     let r = unsafe { libc::kill(pid.as_raw(), sig) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Sends `sig` to every process in the process group `pgid`.
 pub fn kill_group(pgid: Pid, sig: i32) -> io::Result<()> {
     // SAFETY: as for kill; a negative pid addresses the group.
     let r = unsafe { libc::kill(-pgid.as_raw(), sig) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Sends `sig` to the calling process (a real, kernel-delivered signal: SIGSEGV from here
@@ -86,7 +94,11 @@ pub fn kill_group(pgid: Pid, sig: i32) -> io::Result<()> {
 pub fn raise(sig: i32) -> io::Result<()> {
     // SAFETY: raise takes an integer; the default action may end the process, which is the point.
     let r = unsafe { libc::raise(sig) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// How a child ended, decoded from a wait status.
@@ -104,7 +116,10 @@ impl ExitStatus {
         if libc::WIFEXITED(status) {
             Some(ExitStatus::Exited(libc::WEXITSTATUS(status)))
         } else if libc::WIFSIGNALED(status) {
-            Some(ExitStatus::Signaled { signal: libc::WTERMSIG(status), core: libc::WCOREDUMP(status) })
+            Some(ExitStatus::Signaled {
+                signal: libc::WTERMSIG(status),
+                core: libc::WCOREDUMP(status),
+            })
         } else {
             None
         }
@@ -173,7 +188,11 @@ pub fn try_wait_any() -> io::Result<Option<(Pid, ExitStatus)>> {
     match r {
         -1 => {
             let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ECHILD) { Ok(None) } else { Err(e) }
+            if e.raw_os_error() == Some(libc::ECHILD) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
         }
         0 => Ok(None),
         pid => Ok(ExitStatus::from_wait_status(status).map(|s| (Pid(pid), s))),
@@ -185,7 +204,11 @@ pub fn try_wait_any() -> io::Result<Option<(Pid, ExitStatus)>> {
 pub fn set_parent_death_signal(sig: i32) -> io::Result<()> {
     // SAFETY: PR_SET_PDEATHSIG takes an integer signal number and no pointers.
     let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// `prctl(PR_SET_CHILD_SUBREAPER)`: orphaned descendants are re-parented to the caller, so a
@@ -193,19 +216,29 @@ pub fn set_parent_death_signal(sig: i32) -> io::Result<()> {
 pub fn set_child_subreaper() -> io::Result<()> {
     // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and no pointers.
     let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Sets RLIMIT_CORE to 0 for the caller: crash tests and benchmarks must not write core files.
 pub fn disable_core_dumps() -> io::Result<()> {
     rustix::process::setrlimit(
         rustix::process::Resource::Core,
-        rustix::process::Rlimit { current: Some(0), maximum: None },
+        rustix::process::Rlimit {
+            current: Some(0),
+            maximum: None,
+        },
     )
     .or_else(|_| {
         rustix::process::setrlimit(
             rustix::process::Resource::Core,
-            rustix::process::Rlimit { current: Some(0), maximum: Some(0) },
+            rustix::process::Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            },
         )
     })
     .map_err(io::Error::from)
@@ -239,8 +272,30 @@ pub fn children_of(pid: Pid) -> io::Result<Vec<Pid>> {
     for task in std::fs::read_dir(dir)? {
         let task = task?;
         let path = task.path().join("children");
-        let Ok(text) = std::fs::read_to_string(path) else { continue };
-        out.extend(text.split_whitespace().filter_map(|s| s.parse().ok()).filter_map(Pid::from_raw));
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|s| s.parse().ok())
+                .filter_map(Pid::from_raw),
+        );
     }
     Ok(out)
+}
+
+/// Sets the calling thread's name (`comm`, 15 bytes max, longer names are cut), so helper
+/// processes such as an rfork keeper are recognisable in `ps`.
+pub fn set_name(name: &str) -> io::Result<()> {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: buf is a NUL-terminated 16-byte buffer (at most 15 name bytes, zero-filled), the
+    // size PR_SET_NAME reads; it lives for the duration of the call.
+    let r = unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

@@ -39,7 +39,10 @@ impl PidFd {
         )?;
         Ok(st.and_then(|s| {
             if let Some(sig) = s.terminating_signal() {
-                Some(ExitStatus::Signaled { signal: sig, core: s.dumped() })
+                Some(ExitStatus::Signaled {
+                    signal: sig,
+                    core: s.dumped(),
+                })
             } else {
                 s.exit_status().map(ExitStatus::Exited)
             }

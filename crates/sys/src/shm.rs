@@ -35,7 +35,8 @@ impl SharedAtomics {
                 rustix::mm::MapFlags::SHARED,
             )
         }?;
-        let ptr = NonNull::new(p.cast::<AtomicU64>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let ptr = NonNull::new(p.cast::<AtomicU64>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(SharedAtomics { ptr, len, bytes })
     }
     /// Number of words.
@@ -48,7 +49,11 @@ impl SharedAtomics {
     }
     /// Word `i`. Panics if `i` is out of range.
     pub fn word(&self, i: usize) -> &AtomicU64 {
-        assert!(i < self.len, "shared word {i} out of range (len {})", self.len);
+        assert!(
+            i < self.len,
+            "shared word {i} out of range (len {})",
+            self.len
+        );
         // SAFETY: i < len, the mapping is len*8 ≤ bytes long, page-aligned (so 8-aligned),
         // zero-initialised (a valid AtomicU64), and lives as long as &self.
         unsafe { &*self.ptr.as_ptr().add(i) }

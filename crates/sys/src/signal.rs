@@ -38,7 +38,11 @@ pub fn parse(s: &str) -> Option<i32> {
         return (1..=64).contains(&n).then_some(n);
     }
     let up = s.to_ascii_uppercase();
-    let full = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+    let full = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
     (1..32).find(|&n| name(n) == full)
 }
 

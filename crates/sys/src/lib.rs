@@ -15,6 +15,7 @@
 pub mod clock;
 pub mod fault;
 pub mod fs_ring;
+pub mod netlink;
 pub mod pidfd;
 pub mod process;
 pub mod shm;

@@ -31,7 +31,11 @@ const PROC_EVENT_EXIT: u32 = 0x8000_0000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcEvent {
     /// A task was created: a process (`child_tid == child_tgid`) or a thread.
-    Fork { parent_tgid: Pid, child_tid: Pid, child_tgid: Pid },
+    Fork {
+        parent_tgid: Pid,
+        child_tid: Pid,
+        child_tgid: Pid,
+    },
     /// A task called execve.
     Exec { tid: Pid, tgid: Pid },
     /// A task ended.
@@ -63,7 +67,10 @@ impl ProcConnector {
         }
         rustix::net::bind(&fd, &SocketAddrNetlink::new(0, CN_IDX_PROC))?;
         let pc = ProcConnector { fd };
-        pc.control(PROC_CN_MCAST_LISTEN, PROC_EVENT_FORK | PROC_EVENT_EXEC | PROC_EVENT_EXIT)?;
+        pc.control(
+            PROC_CN_MCAST_LISTEN,
+            PROC_EVENT_FORK | PROC_EVENT_EXEC | PROC_EVENT_EXIT,
+        )?;
         Ok(pc)
     }
 
@@ -85,7 +92,12 @@ impl ProcConnector {
         msg.extend_from_slice(&0u16.to_ne_bytes()); // flags
         msg.extend_from_slice(&op.to_ne_bytes());
         msg.extend_from_slice(&mask.to_ne_bytes());
-        rustix::net::sendto(&self.fd, &msg, SendFlags::empty(), &SocketAddrNetlink::new(0, 0))?;
+        rustix::net::sendto(
+            &self.fd,
+            &msg,
+            SendFlags::empty(),
+            &SocketAddrNetlink::new(0, 0),
+        )?;
         Ok(())
     }
 
@@ -116,7 +128,8 @@ impl AsFd for ProcConnector {
 }
 
 fn word(b: &[u8], off: usize) -> Option<u32> {
-    b.get(off..off + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(off..off + 4)
+        .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 fn pid_at(b: &[u8], off: usize) -> Option<Pid> {
@@ -135,7 +148,10 @@ pub fn parse(b: &[u8]) -> ProcEvent {
                 child_tid: pid_at(b, DATA + 8)?,
                 child_tgid: pid_at(b, DATA + 12)?,
             },
-            PROC_EVENT_EXEC => ProcEvent::Exec { tid: pid_at(b, DATA)?, tgid: pid_at(b, DATA + 4)? },
+            PROC_EVENT_EXEC => ProcEvent::Exec {
+                tid: pid_at(b, DATA)?,
+                tgid: pid_at(b, DATA + 4)?,
+            },
             PROC_EVENT_EXIT => ProcEvent::Exit {
                 tid: pid_at(b, DATA)?,
                 tgid: pid_at(b, DATA + 4)?,
@@ -181,7 +197,9 @@ mod tests {
     #[test]
     fn live_socket_sees_our_own_fork() {
         let pc = ProcConnector::open(1 << 20).expect("proc connector (needs root: CAP_NET_ADMIN)");
-        let child = std::process::Command::new("true").spawn().expect("spawn true");
+        let child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
         let child_pid = child.id() as i32;
         let mut child = child;
         child.wait().expect("wait");
@@ -189,7 +207,8 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut seen = false;
         while std::time::Instant::now() < deadline && !seen {
-            crate::pidfd::wait_readable(pc.as_fd(), Some(std::time::Duration::from_millis(100))).unwrap();
+            crate::pidfd::wait_readable(pc.as_fd(), Some(std::time::Duration::from_millis(100)))
+                .unwrap();
             while let Some(ev) = pc.recv(&mut buf).unwrap_or(None) {
                 if let ProcEvent::Fork { child_tgid, .. } = ev {
                     seen |= child_tgid.as_raw() == child_pid;

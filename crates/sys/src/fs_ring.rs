@@ -110,7 +110,10 @@ impl SharedRegion {
     /// The 32-bit atomic at `off` (must be 4-aligned). Panics if out of range or misaligned.
     pub fn atomic_u32(&self, off: usize) -> &AtomicU32 {
         self.check(off, 4);
-        assert!(off % 4 == 0, "atomic u32 at unaligned offset {off}");
+        assert!(
+            off.is_multiple_of(4),
+            "atomic u32 at unaligned offset {off}"
+        );
         // SAFETY: in range and aligned (checked; the mapping is page-aligned); the memory is
         // initialised (zero-filled memfd) and any bit pattern is a valid AtomicU32; it lives
         // as long as &self.
@@ -120,7 +123,10 @@ impl SharedRegion {
     /// The 64-bit atomic at `off` (must be 8-aligned). Panics if out of range or misaligned.
     pub fn atomic_u64(&self, off: usize) -> &AtomicU64 {
         self.check(off, 8);
-        assert!(off % 8 == 0, "atomic u64 at unaligned offset {off}");
+        assert!(
+            off.is_multiple_of(8),
+            "atomic u64 at unaligned offset {off}"
+        );
         // SAFETY: as for atomic_u32, with 8-byte alignment.
         unsafe { &*self.ptr.as_ptr().add(off).cast::<AtomicU64>() }
     }

@@ -1,0 +1,344 @@
+//! What a kintsugi file-system module sees.
+//!
+//! A module (e.g. `smfs`) implements [`Module`]: the upcalls the host makes for each FUSE
+//! request (lookup, getattr, read, write, rename, …). Everything the module keeps across
+//! requests lives in **host data**, reached only through the protection-manager API [`Pm`]:
+//! blocks of the host-owned block store (the paper's Bread/Bwrite/GetNextBlk), node
+//! references (Vref/Vrele) and locks (lock/unlock, reported to the host). The module holds no
+//! other state that matters, so the host can roll back a failed request (undo log) and restart
+//! the module without losing acknowledged data.
+//!
+//! One module source serves every protection level: the host picks the [`Pm`] implementation
+//! (direct calls at level 5, an undo-logging manager in a separate process at level 4, and the
+//! checked/mprotected ones of levels 1–3 later). Nothing here is `cfg`-switched per level.
+#![forbid(unsafe_code)]
+
+pub mod mem;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A node number as the kernel sees it (FUSE nodeid). [`Ino::ROOT`] is the mount's root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Ino(pub u64);
+
+impl Ino {
+    pub const ROOT: Ino = Ino(1);
+}
+
+impl fmt::Display for Ino {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ino {}", self.0)
+    }
+}
+
+/// A block number in the host's block store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlockNo(pub u64);
+
+/// A module's own handle for an open file (the host keeps its own table and maps to this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct Fh(pub u64);
+
+/// A lock the module names; the host keeps the lock table (who holds what, who waits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LockId(pub u64);
+
+/// An errno value returned to the kernel (positive, e.g. [`Errno::ENOENT`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const EBADF: Errno = Errno(libc::EBADF);
+    pub const EACCES: Errno = Errno(libc::EACCES);
+    pub const EEXIST: Errno = Errno(libc::EEXIST);
+    pub const EXDEV: Errno = Errno(libc::EXDEV);
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EFBIG: Errno = Errno(libc::EFBIG);
+    pub const ENOSPC: Errno = Errno(libc::ENOSPC);
+    pub const EMLINK: Errno = Errno(libc::EMLINK);
+    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
+    pub const ENOTEMPTY: Errno = Errno(libc::ENOTEMPTY);
+    pub const ENOSYS: Errno = Errno(libc::ENOSYS);
+    pub const EOPNOTSUPP: Errno = Errno(libc::EOPNOTSUPP);
+    pub const EUCLEAN: Errno = Errno(libc::EUCLEAN);
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+impl std::error::Error for Errno {}
+
+/// What every upcall returns.
+pub type FsResult<T> = Result<T, Errno>;
+
+/// Seconds and nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+/// The file kinds a module can store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    CharDev,
+    BlockDev,
+    Socket,
+}
+
+impl FileKind {
+    /// The kind encoded in the `S_IFMT` bits of `mode`.
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => FileKind::File,
+            libc::S_IFDIR => FileKind::Dir,
+            libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFCHR => FileKind::CharDev,
+            libc::S_IFBLK => FileKind::BlockDev,
+            libc::S_IFSOCK => FileKind::Socket,
+            _ => return None,
+        })
+    }
+    /// The `S_IFMT` bits for this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            FileKind::File => libc::S_IFREG,
+            FileKind::Dir => libc::S_IFDIR,
+            FileKind::Symlink => libc::S_IFLNK,
+            FileKind::Fifo => libc::S_IFIFO,
+            FileKind::CharDev => libc::S_IFCHR,
+            FileKind::BlockDev => libc::S_IFBLK,
+            FileKind::Socket => libc::S_IFSOCK,
+        }
+    }
+}
+
+/// A node's attributes, as returned to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: Ino,
+    /// Changes whenever a node number is reused, so the kernel never confuses two nodes.
+    pub generation: u64,
+    pub size: u64,
+    /// 512-byte blocks actually allocated (sparse files have fewer).
+    pub blocks: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub kind: FileKind,
+    /// Permission bits (07777).
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+}
+
+/// A timestamp update in `setattr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSet {
+    Now,
+    At(Timespec),
+}
+
+/// The fields `setattr` changes (None: leave as is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    pub ctime: Option<Timespec>,
+}
+
+/// Who is asking (the client process behind a request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// One directory entry returned by `readdir`. `offset` is the cookie of the *next* entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub ino: Ino,
+    pub offset: u64,
+    pub kind: FileKind,
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+}
+
+/// File-system statistics for `statfs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// `rename(2)` flags the module may honour.
+pub const RENAME_NOREPLACE: u32 = 1;
+/// `RENAME_EXCHANGE`.
+pub const RENAME_EXCHANGE: u32 = 2;
+
+/// The protection-manager API: the module's only path to host ("kernel") data.
+///
+/// Every method that changes host data may be undo-logged by the host, so a request that
+/// fails half-way leaves no trace. Errors are errnos the module should pass up unchanged.
+pub trait Pm {
+    /// Bytes per block of the store.
+    fn block_size(&self) -> usize;
+    /// Blocks in the store.
+    fn nblocks(&self) -> u64;
+    /// Blocks not allocated.
+    fn free_blocks(&self) -> u64;
+    /// Bread: copies `buf.len()` bytes at `off` inside block `b` into `buf`.
+    fn bread(&mut self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()>;
+    /// Bwrite: copies `data` into block `b` at `off`.
+    fn bwrite(&mut self, b: BlockNo, off: usize, data: &[u8]) -> FsResult<()>;
+    /// GetNextBlk: allocates a zero-filled block (the lowest free one).
+    fn get_next_blk(&mut self) -> FsResult<BlockNo>;
+    /// Returns block `b` to the store.
+    fn free_blk(&mut self, b: BlockNo) -> FsResult<()>;
+    /// Vref: takes a reference on node `ino` (e.g. for an open file).
+    fn vref(&mut self, ino: Ino) -> FsResult<()>;
+    /// Vrele: drops one; returns the references left.
+    fn vrele(&mut self, ino: Ino) -> FsResult<u32>;
+    /// References held on `ino`.
+    fn refs(&self, ino: Ino) -> u32;
+    /// Takes lock `l`, waiting if another request holds it (the wait is reported to the host).
+    fn lock(&mut self, l: LockId) -> FsResult<()>;
+    /// Releases lock `l`.
+    fn unlock(&mut self, l: LockId) -> FsResult<()>;
+    /// The current time, for timestamps.
+    fn now(&self) -> Timespec;
+}
+
+/// The upcalls a file-system module implements. `pm` is the only way to host data.
+///
+/// `mkfs` runs once on an empty store; `attach` runs at the start of every module
+/// generation (after a restart too) and must not assume anything about memory it had before.
+pub trait Module: Send {
+    /// The module's name, as given to `kintsugi mount --module`.
+    fn name(&self) -> &'static str;
+    /// Formats an empty store (all blocks free).
+    fn mkfs(&mut self, pm: &mut dyn Pm) -> FsResult<()>;
+    /// Validates and loads what it needs from a formatted store.
+    fn attach(&mut self, pm: &mut dyn Pm) -> FsResult<()>;
+    fn lookup(&mut self, pm: &mut dyn Pm, ctx: &Ctx, parent: Ino, name: &[u8]) -> FsResult<Attr>;
+    fn getattr(&mut self, pm: &mut dyn Pm, ino: Ino) -> FsResult<Attr>;
+    fn setattr(&mut self, pm: &mut dyn Pm, ctx: &Ctx, ino: Ino, set: &SetAttr) -> FsResult<Attr>;
+    fn read(
+        &mut self,
+        pm: &mut dyn Pm,
+        ino: Ino,
+        fh: Fh,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<Vec<u8>>;
+    fn write(
+        &mut self,
+        pm: &mut dyn Pm,
+        ino: Ino,
+        fh: Fh,
+        offset: u64,
+        data: &[u8],
+    ) -> FsResult<u32>;
+    /// Creates and opens a regular file.
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        pm: &mut dyn Pm,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> FsResult<(Attr, Fh)>;
+    #[allow(clippy::too_many_arguments)]
+    fn mknod(
+        &mut self,
+        pm: &mut dyn Pm,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> FsResult<Attr>;
+    fn mkdir(
+        &mut self,
+        pm: &mut dyn Pm,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> FsResult<Attr>;
+    fn unlink(&mut self, pm: &mut dyn Pm, ctx: &Ctx, parent: Ino, name: &[u8]) -> FsResult<()>;
+    fn rmdir(&mut self, pm: &mut dyn Pm, ctx: &Ctx, parent: Ino, name: &[u8]) -> FsResult<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn rename(
+        &mut self,
+        pm: &mut dyn Pm,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        flags: u32,
+    ) -> FsResult<()>;
+    fn link(
+        &mut self,
+        pm: &mut dyn Pm,
+        ctx: &Ctx,
+        ino: Ino,
+        newparent: Ino,
+        newname: &[u8],
+    ) -> FsResult<Attr>;
+    fn symlink(
+        &mut self,
+        pm: &mut dyn Pm,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+    ) -> FsResult<Attr>;
+    fn readlink(&mut self, pm: &mut dyn Pm, ino: Ino) -> FsResult<Vec<u8>>;
+    fn open(&mut self, pm: &mut dyn Pm, ctx: &Ctx, ino: Ino, flags: i32) -> FsResult<Fh>;
+    fn release(&mut self, pm: &mut dyn Pm, ino: Ino, fh: Fh) -> FsResult<()>;
+    /// Entries from cookie `offset` on (0: from the start), as many as fit in `max` entries.
+    fn readdir(
+        &mut self,
+        pm: &mut dyn Pm,
+        ino: Ino,
+        offset: u64,
+        max: usize,
+    ) -> FsResult<Vec<DirEntry>>;
+    fn statfs(&mut self, pm: &mut dyn Pm) -> FsResult<StatFs>;
+    fn fsync(&mut self, pm: &mut dyn Pm, ino: Ino, fh: Fh, datasync: bool) -> FsResult<()>;
+    fn flush(&mut self, pm: &mut dyn Pm, ino: Ino, fh: Fh) -> FsResult<()>;
+}

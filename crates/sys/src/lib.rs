@@ -15,10 +15,16 @@
 pub mod clock;
 pub mod fault;
 pub mod fs_ring;
+pub mod guard_fd;
 pub mod netlink;
+pub mod ns;
 pub mod pidfd;
 pub mod process;
+pub mod ptrace;
+pub mod remote_mem;
+pub mod seccomp;
 pub mod shm;
 pub mod signal;
+pub mod uffd;
 
 pub use process::Pid;

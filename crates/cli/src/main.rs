@@ -34,6 +34,9 @@ enum Command {
     Demo(demo::Args),
     /// Supervise a command: restart it on failure, like `systemd-run -p Restart=on-failure`.
     Run(cmd::run::Args),
+    /// Watch for kernel trouble (hung tasks and drivers, fork storms, memory exhaustion, lost
+    /// heartbeats, oopses) and trigger recovery.
+    Watch(cmd::watch::Args),
     /// Benchmarks: print a human table, or with --json the object the issue specifies.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Run(a) => cmd::run::run(a),
+        Command::Watch(a) => cmd::watch::run(a),
         Command::Bench(b) => bench::run(b),
     };
     match result {

@@ -251,6 +251,11 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The config as TOML (what `kintsugi watch --print-config` shows).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config serializes: plain values before tables")
+    }
+
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
@@ -388,6 +393,17 @@ mod tests {
         assert!(e.contains("allow"), "{e}");
         let e = Config::parse("[[action]]\non=[\"oops\"]\nkind=\"hook\"").unwrap_err();
         assert!(e.to_string().contains("oops"), "{e}");
+    }
+
+    #[test]
+    fn printed_config_parses_back() {
+        let mut c = Config::default();
+        c.heartbeat.push(Heartbeat {
+            name: "a".into(),
+            path: "/x".into(),
+            timeout_ms: 500,
+        });
+        assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
     }
 
     #[test]

@@ -239,6 +239,25 @@ impl Metrics {
     }
 }
 
+/// Writes `text` to `path` without ever leaving a half-written file: a temporary file in the
+/// same directory, fsync, rename.
+pub fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +280,9 @@ mod tests {
         m.count(&ev);
         assert_eq!(m.detections_total(), 1);
         assert!(m.to_prometheus().contains("fault=\"fork_storm\"} 1"));
+        let p = std::env::temp_dir().join(format!("kw-metrics-{}", std::process::id()));
+        write_atomic(&p, &m.to_prometheus()).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), m.to_prometheus());
+        std::fs::remove_file(&p).unwrap();
     }
 }

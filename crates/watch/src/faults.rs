@@ -534,3 +534,117 @@ impl Drop for FuseHang {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+
+/// The demo rung: start a monitor, reproduce a fork bomb in a pids-limited cgroup and a stalled
+/// heartbeat, and report each detection and action as it happens (about 3 s). Returns the
+/// events seen, so callers can check that both faults were detected and the bomb was killed.
+pub fn demo(mut say: impl FnMut(&str)) -> io::Result<Vec<crate::event::Event>> {
+    use crate::config::{self, ActionKind};
+    use crate::event::{Event, FaultKind};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let beat_path = std::env::temp_dir().join(unique("kintsugi-watch-demo-beat"));
+    let writer = HeartbeatWriter::start(&beat_path, Duration::from_millis(50))?;
+    let hook_marker = std::env::temp_dir().join(unique("kintsugi-watch-demo-hook"));
+    let mut cfg = config::Config::default();
+    cfg.heartbeat.push(config::Heartbeat {
+        name: "demo-service".into(),
+        path: beat_path.clone(),
+        timeout_ms: 1000,
+    });
+    let base = config::Action {
+        on: vec![FaultKind::ForkStorm],
+        kind: ActionKind::KillCgroup,
+        pid: None,
+        pid_file: None,
+        signal: "SIGHUP".into(),
+        cgroup: None,
+        allow: vec!["/kintsugi-watch-*".into()],
+        command: vec![],
+        timeout_ms: 5000,
+        cooldown_ms: 1000,
+    };
+    cfg.action.push(base.clone());
+    cfg.action.push(config::Action {
+        on: vec![FaultKind::Heartbeat],
+        kind: ActionKind::Hook,
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("echo \"$KINTSUGI_SUBJECT\" > {}", hook_marker.display()),
+        ],
+        ..base
+    });
+    let (tx, rx) = std::sync::mpsc::channel::<Event>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let monitor = std::thread::spawn(move || {
+        let mut m = crate::Monitor::new(cfg).map_err(io::Error::other)?;
+        let opts = crate::RunOptions {
+            until: Some(Instant::now() + Duration::from_secs(8)),
+            summary_every: None,
+        };
+        m.run(&stop2, &opts, &mut |e| {
+            let _ = tx.send(e.clone());
+        })
+        .map_err(io::Error::other)
+    });
+    let mut seen = Vec::new();
+    let show = |e: &Event, say: &mut dyn FnMut(&str)| match e {
+        Event::Started { sources, .. } => {
+            say(&format!("monitor up, listening on {}", sources.join(", ")))
+        }
+        Event::Detection { detection: d, .. } => say(&format!(
+            "DETECTED {} ({}): {} — {}",
+            d.fault, d.source, d.subject, d.detail
+        )),
+        Event::Action { action: a, .. } => say(&format!(
+            "ACTION {} on {}: {} — {}",
+            a.action,
+            a.target,
+            if a.ok { "ok" } else { "FAILED" },
+            a.detail
+        )),
+        _ => {}
+    };
+    if let Ok(e) = rx.recv_timeout(Duration::from_secs(10)) {
+        show(&e, &mut say);
+        seen.push(e);
+    }
+    say("starting a fork bomb in a new pids cgroup limited to 64 tasks");
+    let bomb = ForkBomb::start(64, Duration::from_secs(6))?;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if let Ok(e) = rx.recv_timeout(left) {
+            show(&e, &mut say);
+            seen.push(e);
+        }
+    }
+    say(&format!(
+        "bomb cgroup now holds {} processes",
+        bomb.current()
+    ));
+    drop(bomb);
+    say("freezing the heartbeat writer (SIGSTOP), as if the service hung");
+    writer.stop();
+    let until = Instant::now() + Duration::from_millis(1800);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if let Ok(e) = rx.recv_timeout(left) {
+            show(&e, &mut say);
+            seen.push(e);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = monitor.join();
+    seen.extend(rx.try_iter());
+    drop(writer);
+    let _ = std::fs::remove_file(&beat_path);
+    if let Ok(m) = std::fs::read_to_string(&hook_marker) {
+        say(&format!("the heartbeat hook ran and wrote: {}", m.trim()));
+        let _ = std::fs::remove_file(&hook_marker);
+    }
+    Ok(seen)
+}

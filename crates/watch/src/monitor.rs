@@ -75,6 +75,16 @@ pub fn thread_cpu() -> Duration {
     }
 }
 
+/// A stop flag set by SIGINT and SIGTERM (the monitor's epoll_wait returns EINTR on either, so
+/// it stops at once rather than at the next tick).
+pub fn stop_on_signals() -> std::io::Result<std::sync::Arc<AtomicBool>> {
+    let flag = std::sync::Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
 /// The monitor. Build with [`Monitor::new`], then [`Monitor::run`] on the thread that owns it.
 #[derive(Debug)]
 pub struct Monitor {

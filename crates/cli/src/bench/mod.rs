@@ -4,15 +4,19 @@
 use std::process::ExitCode;
 
 pub mod rfork;
+pub mod watch;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
     /// rfork restart latency, both designs, beside bare fork and fork+exec.
     Rfork(rfork::Args),
+    /// kintsugi watch: monitor CPU cost beside /proc polling, and detection latency per fault.
+    Watch(watch::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<ExitCode> {
     match b {
         Bench::Rfork(a) => rfork::run(a),
+        Bench::Watch(a) => watch::run(a),
     }
 }

@@ -1,3 +1,4 @@
 //! Subcommands other than `demo` and `bench`: one module each, `Args` + `run`.
 
 pub mod run;
+pub mod watch;

@@ -5,6 +5,8 @@
 
 use std::process::ExitCode;
 
+pub mod watch;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 

@@ -37,6 +37,11 @@ enum Command {
     /// Watch for kernel trouble (hung tasks and drivers, fork storms, memory exhaustion, lost
     /// heartbeats, oopses) and trigger recovery.
     Watch(cmd::watch::Args),
+    /// Run a program under the guard: trapped state-changing syscalls, incremental checkpoints,
+    /// automatic restore by syscall replay when it is killed.
+    Guard(cmd::guard::Args),
+    /// Rebuild a guarded program from its image directory and keep guarding it.
+    Restore(cmd::restore::Args),
     /// Benchmarks: print a human table, or with --json the object the issue specifies.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -49,6 +54,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Run(a) => cmd::run::run(a),
         Command::Watch(a) => cmd::watch::run(a),
+        Command::Guard(a) => cmd::guard::run(a),
+        Command::Restore(a) => cmd::restore::run(a),
         Command::Bench(b) => bench::run(b),
     };
     match result {

@@ -141,3 +141,20 @@ impl ExecArgs {
         raw_execve(&self.path, &self.argv, &self.envp)
     }
 }
+
+/// A close-on-exec pipe `(read end, write end)`.
+pub fn pipe_cloexec() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a writable [i32; 2], as pipe2 requires.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: pipe2 just created both fds; we take sole ownership of each.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}

@@ -44,11 +44,10 @@ pub struct Tracee<S> {
     _s: PhantomData<S>,
 }
 
-/// Why waiting on a tracee ended without the stop we wanted.
-fn gone(pid: Pid, status: i32) -> io::Error {
-    io::Error::other(format!(
-        "traced process {pid} ended while stopped for the guard (wait status {status:#x})"
-    ))
+/// The tracee ended while we waited on it: its wait status is consumed, so say ESRCH (the
+/// same error ptrace itself gives for a dead task); the caller treats the program as killed.
+fn gone(_pid: Pid, _status: i32) -> io::Error {
+    io::Error::from_raw_os_error(libc::ESRCH)
 }
 
 fn ptrace(req: libc::c_uint, pid: Pid, addr: usize, data: usize) -> io::Result<libc::c_long> {
@@ -191,8 +190,9 @@ impl Tracee<Stopped> {
         struct RseqConf {
             ptr: u64,
             len: u32,
-            flags: u32,
             sig: u32,
+            flags: u32,
+            pad: u32,
         }
         let mut c = RseqConf::default();
         ptrace(

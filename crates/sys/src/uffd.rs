@@ -175,11 +175,40 @@ impl PageMap {
         self.scan(start, end, 0, 0, any, any)
     }
 
+    /// Like [`PageMap::populated`] but only pages that are not backed by the file any more
+    /// (copied on write): what a private file mapping holds beyond its file.
+    pub fn populated_anon(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        let any = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+        self.scan_full(
+            start,
+            end,
+            0,
+            PAGE_IS_FILE,
+            PAGE_IS_FILE,
+            any,
+            any | PAGE_IS_FILE,
+        )
+    }
+
     fn scan(
         &self,
         start: u64,
         end: u64,
         flags: u64,
+        mask: u64,
+        anyof: u64,
+        ret: u64,
+    ) -> io::Result<Vec<(u64, u64)>> {
+        self.scan_full(start, end, flags, 0, mask, anyof, ret)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn scan_full(
+        &self,
+        start: u64,
+        end: u64,
+        flags: u64,
+        inverted: u64,
         mask: u64,
         anyof: u64,
         ret: u64,
@@ -195,6 +224,7 @@ impl PageMap {
                 end,
                 vec: vec.as_mut_ptr() as u64,
                 vec_len: vec.len() as u64,
+                category_inverted: inverted,
                 category_mask: mask,
                 category_anyof_mask: anyof,
                 return_mask: ret,

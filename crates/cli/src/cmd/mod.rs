@@ -2,3 +2,5 @@
 
 pub mod run;
 pub mod watch;
+pub mod guard;
+pub mod restore;

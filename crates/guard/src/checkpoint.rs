@@ -1,0 +1,350 @@
+//! One epoch's checkpoint: stop the program (ptrace seize + interrupt), commit the log
+//! against /proc, take the pages written since the last epoch (uffd-wp async +
+//! PAGEMAP_SCAN, registering new mappings as they appear), registers, fd table; resume.
+//! Writing the layer to disk happens after the program runs again.
+
+use std::os::fd::AsFd;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sys::Pid;
+use sys::pidfd::PidFd;
+use sys::ptrace::{self, Stopped, Tracee};
+use sys::uffd::{PageMap, Scan, WpTracker};
+
+use crate::image::{Layer, StateRecord};
+use crate::log::Log;
+use crate::model::{ProcState, ThreadState, Vma, VmaKind};
+use crate::procfs;
+use crate::{Error, Result};
+
+/// Fixed facts about the guarded program.
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub argv: Vec<String>,
+    /// The guard's stdio at launch `(fd, dev, ino)`: passed through on restore.
+    pub inherited: Vec<(i32, u64, u64)>,
+}
+
+/// The guard's handle on one incarnation of the program (launched or restored).
+#[derive(Debug)]
+pub struct Incarnation {
+    pub pid: Pid,
+    pub pidfd: PidFd,
+    tracker: Option<WpTracker>,
+    pagemap: Option<PageMap>,
+    /// Mappings as of the last checkpoint, with their base layer.
+    known: Vec<Vma>,
+    insn: Option<u64>,
+    brk: u64,
+}
+
+/// What one checkpoint cost.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochStats {
+    pub pause: Duration,
+    pub page_bytes: u64,
+}
+
+impl Incarnation {
+    /// A freshly launched program: nothing tracked yet, the first checkpoint is full.
+    pub fn launched(pid: Pid) -> Result<Incarnation> {
+        let pidfd = PidFd::open(pid).map_err(|e| Error::sys("pidfd_open of the program", e))?;
+        Ok(Incarnation {
+            pid,
+            pidfd,
+            tracker: None,
+            pagemap: None,
+            known: Vec::new(),
+            insn: None,
+            brk: 0,
+        })
+    }
+
+    /// A restored program whose tracker is already armed over `known` (state of layer `seq`).
+    pub(crate) fn restored(
+        pid: Pid,
+        pidfd: PidFd,
+        tracker: WpTracker,
+        known: Vec<Vma>,
+        brk: u64,
+    ) -> Result<Incarnation> {
+        let pagemap = PageMap::open(pid)
+            .map_err(|e| Error::sys("opening the restored program's pagemap", e))?;
+        Ok(Incarnation {
+            pid,
+            pidfd,
+            tracker: Some(tracker),
+            pagemap: Some(pagemap),
+            known,
+            insn: None,
+            brk,
+        })
+    }
+
+    /// Forgets what was captured: the next checkpoint captures every mapping in full.
+    pub fn force_full(&mut self) {
+        self.known.clear();
+    }
+
+    fn inject(&mut self, t: &mut Tracee<Stopped>, nr: i64, args: [u64; 6]) -> Result<i64> {
+        let insn = match self.insn {
+            Some(i) => i,
+            None => {
+                let i = sys::remote_mem::find_syscall_insn(self.pid)
+                    .map_err(|e| Error::sys("finding a syscall instruction", e))?;
+                self.insn = Some(i);
+                i
+            }
+        };
+        t.inject_syscall(insn, nr, args)
+            .map_err(|e| Error::sys("injecting a syscall", e))
+    }
+
+    /// Creates the userfaultfd inside the program (only it can: the fd binds to its mm),
+    /// takes a copy, and closes the program's own so its fd table stays as it was.
+    fn arm_tracker(&mut self, t: &mut Tracee<Stopped>) -> Result<()> {
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let fd = self.inject(t, libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+        if fd < 0 {
+            return Err(Error::sys(
+                "userfaultfd() in the program",
+                std::io::Error::from_raw_os_error(-fd as i32),
+            ));
+        }
+        let ours = sys::guard_fd::pidfd_getfd(self.pidfd.as_fd(), fd as i32);
+        self.inject(t, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        let ours = ours.map_err(|e| Error::sys("pidfd_getfd of the program's userfaultfd", e))?;
+        self.tracker = Some(
+            WpTracker::new(ours)
+                .map_err(|e| Error::sys("UFFDIO_API with WP_ASYNC (needs Linux 6.7+)", e))?,
+        );
+        self.pagemap =
+            Some(PageMap::open(self.pid).map_err(|e| Error::sys("opening /proc/PID/pagemap", e))?);
+        self.known.clear();
+        Ok(())
+    }
+
+    /// Takes checkpoint `seq`. The program is stopped for the duration of this call.
+    pub fn checkpoint(
+        &mut self,
+        prog: &Program,
+        log: &Mutex<Log>,
+        seq: u64,
+    ) -> Result<(Layer, EpochStats)> {
+        let t0 = Instant::now();
+        let t = ptrace::seize(self.pid, ptrace::O_TRACESYSGOOD | ptrace::O_SUSPEND_SECCOMP)
+            .map_err(|e| Error::sys("ptrace seize of the program", e))?;
+        let mut t = t
+            .interrupt()
+            .map_err(|e| Error::sys("stopping the program", e))?;
+        let res = self.stopped_checkpoint(&mut t, prog, log, seq);
+        let detach = t.detach();
+        let pause = t0.elapsed();
+        let layer = res?;
+        detach.map_err(|e| Error::sys("resuming the program", e))?;
+        let page_bytes = layer.page_bytes();
+        Ok((layer, EpochStats { pause, page_bytes }))
+    }
+
+    fn stopped_checkpoint(
+        &mut self,
+        t: &mut Tracee<Stopped>,
+        prog: &Program,
+        log: &Mutex<Log>,
+        seq: u64,
+    ) -> Result<Layer> {
+        let pid = self.pid;
+        let mut lg = log.lock().unwrap_or_else(|p| p.into_inner());
+        let sys_err = |what: &'static str| move |e: std::io::Error| Error::sys(what, e);
+        let (caught, ignored, umask, threads) =
+            procfs::status(pid).map_err(sys_err("reading /proc/PID/status"))?;
+        let mut refusals = lg.refusals.clone();
+        if threads > 1 {
+            refusals.push(format!(
+                "{threads} threads: multithreaded programs are not restorable yet"
+            ));
+        }
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if !children.trim().is_empty() {
+            refusals.push(format!(
+                "child processes ({}): process trees are not restorable yet",
+                children.trim()
+            ));
+        }
+        let regs = t.regs().map_err(sys_err("reading registers"))?;
+        let xstate = t.xstate().map_err(sys_err("reading FPU state"))?;
+        let sigmask = t.sigmask().map_err(sys_err("reading the signal mask"))?;
+        let rseq = t.rseq().map_err(sys_err("reading the rseq registration"))?;
+        if lg.exec_seen {
+            self.tracker = None;
+            self.insn = None;
+        }
+        if self.tracker.is_none() || lg.brk_changed || self.brk == 0 {
+            if self.tracker.is_none() {
+                self.arm_tracker(t)?;
+            }
+            self.brk = self.inject(t, libc::SYS_brk, [0; 6])? as u64;
+            t.restore_regs(&regs)
+                .map_err(sys_err("restoring registers after injection"))?;
+        }
+        let tracker = self.tracker.as_ref().expect("armed above");
+        let pagemap = self.pagemap.as_ref().expect("armed with the tracker");
+        let mut vmas = procfs::maps(pid).map_err(sys_err("reading /proc/PID/maps"))?;
+        let mut ranges: Vec<(u64, usize)> = Vec::new();
+        let mut untracked: Vec<u64> = Vec::new();
+        let overlaps = |v: &Vma, r: &[(u64, u64)]| r.iter().any(|&(a, b)| a < v.end && v.start < b);
+        for v in &mut vmas {
+            let prev = self
+                .known
+                .iter()
+                .find(|k| k.start == v.start && k.end == v.end && k.kind == v.kind);
+            let mut rebase = prev.is_none() || overlaps(v, &lg.rebaseline);
+            if !procfs::trackable(v) {
+                v.base_seq = seq;
+                continue;
+            }
+            let mut runs = Vec::new();
+            if !rebase {
+                match pagemap
+                    .take_written(v.start, v.end)
+                    .map_err(sys_err("PAGEMAP_SCAN"))?
+                {
+                    Scan::Runs(r) => runs = r,
+                    Scan::NotTracked => rebase = true,
+                }
+            }
+            if rebase {
+                runs = match v.kind {
+                    VmaKind::PrivateFile { .. } => pagemap.populated_anon(v.start, v.end),
+                    _ => pagemap.populated(v.start, v.end),
+                }
+                .map_err(sys_err("PAGEMAP_SCAN"))?;
+                let len = v.end - v.start;
+                if let Err(e) = tracker
+                    .register(v.start, len)
+                    .and_then(|_| tracker.write_protect(v.start, len))
+                {
+                    // Untrackable mapping: it is captured whole at every epoch instead.
+                    tracing::debug!(target: "guard", "cannot write-protect {:#x}-{:#x} {}: {e}", v.start, v.end, v.label);
+                    untracked.push(v.start);
+                }
+                v.base_seq = seq;
+            } else {
+                v.base_seq = prev.map(|p| p.base_seq).unwrap_or(seq);
+            }
+            ranges.extend(runs.iter().map(|&(a, b)| (a, (b - a) as usize)));
+        }
+        let mut data = Vec::new();
+        sys::remote_mem::read_ranges(pid, &ranges, &mut data)
+            .map_err(sys_err("reading the program's memory"))?;
+        let mut pages = Vec::with_capacity(ranges.len());
+        let mut off = 0usize;
+        for (a, l) in &ranges {
+            pages.push((*a, data[off..off + l].to_vec()));
+            off += l;
+        }
+        let (fds, fd_refusals) = procfs::fds(pid, &prog.inherited, &lg.sockets)
+            .map_err(sys_err("reading the fd table"))?;
+        refusals.extend(fd_refusals);
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "/".into());
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut mm = procfs::mm_layout(pid).map_err(sys_err("reading /proc/PID/stat"))?;
+        mm.brk = self.brk;
+        let sigactions = lg.commit_sigactions(caught, ignored);
+        let fixed = ptrace::restart_fixup(&regs, true);
+        let thread = ThreadState {
+            tid: 1,
+            regs: regs_to_words(&fixed),
+            xstate,
+            sigmask,
+            rseq,
+            altstack: lg.altstack,
+        };
+        let state = ProcState {
+            argv: prog.argv.clone(),
+            exe,
+            cwd,
+            umask,
+            vmas: vmas.clone(),
+            fds,
+            sigactions,
+            ignored,
+            itimers: lg.itimers.values().copied().collect(),
+            mm,
+            threads: vec![thread],
+            refusals,
+        };
+        lg.rebaseline.clear();
+        lg.brk_changed = false;
+        lg.exec_seen = false;
+        let (entries, dropped) = lg.take_delta();
+        drop(lg);
+        self.known = vmas
+            .into_iter()
+            .filter(|v| !untracked.contains(&v.start))
+            .collect();
+        Ok(Layer {
+            seq,
+            full: false,
+            state: StateRecord {
+                state,
+                log: entries,
+                log_dropped: dropped,
+            },
+            pages,
+        })
+    }
+}
+
+/// `user_regs_struct` → 27 words (the kernel's order).
+pub fn regs_to_words(r: &ptrace::Regs) -> Vec<u64> {
+    vec![
+        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx,
+        r.rsi, r.rdi, r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds,
+        r.es, r.fs, r.gs,
+    ]
+}
+
+/// 27 words → `user_regs_struct`, over a template (the current registers).
+pub fn words_to_regs(w: &[u64], mut r: ptrace::Regs) -> Result<ptrace::Regs> {
+    if w.len() != 27 {
+        return Err(Error::Image(format!(
+            "thread registers hold {} words, expected 27",
+            w.len()
+        )));
+    }
+    r.r15 = w[0];
+    r.r14 = w[1];
+    r.r13 = w[2];
+    r.r12 = w[3];
+    r.rbp = w[4];
+    r.rbx = w[5];
+    r.r11 = w[6];
+    r.r10 = w[7];
+    r.r9 = w[8];
+    r.r8 = w[9];
+    r.rax = w[10];
+    r.rcx = w[11];
+    r.rdx = w[12];
+    r.rsi = w[13];
+    r.rdi = w[14];
+    r.orig_rax = w[15];
+    r.rip = w[16];
+    r.cs = w[17];
+    r.eflags = w[18];
+    r.rsp = w[19];
+    r.ss = w[20];
+    r.fs_base = w[21];
+    r.gs_base = w[22];
+    r.ds = w[23];
+    r.es = w[24];
+    r.fs = w[25];
+    r.gs = w[26];
+    Ok(r)
+}

@@ -1,0 +1,518 @@
+//! The guard process: launch (or restore) the program, serve its trapped syscalls on a
+//! thread, checkpoint every epoch on the main thread, merge layers in the background, and
+//! restore automatically when the program is killed by a signal.
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sys::Pid;
+use sys::process::ExitStatus;
+use sys::seccomp::{Listener, ListenerState, NotifyFilter};
+
+use crate::checkpoint::{Incarnation, Program};
+use crate::image;
+use crate::log::{self, Log, Verdict};
+use crate::{Error, Result};
+
+/// Guard settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub epoch: Duration,
+    pub images: PathBuf,
+    /// Merge the chain into one full layer every this many layers.
+    pub merge_every: u64,
+    /// Give up restoring after this many restores (a program that keeps dying is not helped).
+    pub max_restores: u32,
+}
+
+/// What `kintsugi guard --status` shows; written to `DIR/status.json` at every epoch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub guard_pid: i32,
+    /// The program's pid as the host sees it (pid 1 inside its namespace).
+    pub app_pid: i32,
+    pub argv: Vec<String>,
+    pub epoch_ms: u64,
+    /// "running", "restoring", "exited N", "gave up: …".
+    pub state: String,
+    /// Newest layer written.
+    pub last_layer: u64,
+    pub layers_written: u64,
+    pub restorable: bool,
+    pub refusals: Vec<String>,
+    pub restores: u32,
+    pub trapped_calls: u64,
+    pub last_pause_us: u64,
+    pub last_layer_bytes: u64,
+}
+
+/// Reads `DIR/status.json`.
+pub fn read_status(dir: &Path) -> Result<Status> {
+    let p = dir.join("status.json");
+    let b = std::fs::read(&p).map_err(|e| {
+        Error::sys(
+            format!(
+                "reading {} (is a guard running with --images {}?)",
+                p.display(),
+                dir.display()
+            ),
+            e,
+        )
+    })?;
+    serde_json::from_slice(&b).map_err(|e| Error::Image(format!("{}: {e}", p.display())))
+}
+
+/// A running guard.
+#[derive(Debug)]
+pub struct Guard {
+    opts: Options,
+    prog: Program,
+    filter: NotifyFilter,
+    log: Arc<Mutex<Log>>,
+    inc: Incarnation,
+    server: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
+    merger: Option<JoinHandle<()>>,
+    next_seq: u64,
+    /// The next layer must be written as full (nothing before it can be relied on).
+    next_full: bool,
+    status: Status,
+}
+
+/// The guard's fds a launched program inherits (everything not close-on-exec), as
+/// `(fd, dev, ino)`: the program's fds that still name these objects are passed through on
+/// restore instead of being rebuilt.
+fn own_inherited() -> Vec<(i32, u64, u64)> {
+    let Ok(rd) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let mut v: Vec<(i32, u64, u64)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|fd| {
+            let info =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| i32::from_str_radix(f.trim(), 8).ok())
+                .unwrap_or(libc::O_CLOEXEC);
+            flags & libc::O_CLOEXEC == 0
+        })
+        .filter_map(|fd| {
+            std::fs::metadata(format!("/proc/self/fd/{fd}"))
+                .ok()
+                .map(|m| (fd, m.dev(), m.ino()))
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn resolve(cmd: &str) -> Result<String> {
+    if cmd.contains('/') {
+        return Ok(cmd.to_string());
+    }
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in path.split(':') {
+        let p = Path::new(dir).join(cmd);
+        if p.is_file() {
+            return Ok(p.to_string_lossy().into_owned());
+        }
+    }
+    Err(Error::Usage(format!("{cmd}: command not found in PATH")))
+}
+
+fn serve(listener: Arc<Listener>, log: Arc<Mutex<Log>>, stop: Arc<AtomicBool>) {
+    loop {
+        match listener.wait(Duration::from_millis(100)) {
+            Ok(ListenerState::Ready) => {
+                let Ok(Some(n)) = listener.recv() else {
+                    continue;
+                };
+                let verdict = {
+                    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                    log::record(&mut l, &n)
+                };
+                let r = match verdict {
+                    Verdict::Continue => n.respond_continue(),
+                    Verdict::Refuse(errno) => n.respond_error(errno),
+                };
+                if let Err(e) = r {
+                    tracing::debug!(target: "guard", "answering a trapped call: {e}");
+                }
+            }
+            Ok(ListenerState::Gone) => return,
+            Ok(ListenerState::Timeout) => {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(target: "guard", "seccomp listener: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn start_server(listener: Listener, log: &Arc<Mutex<Log>>) -> (JoinHandle<()>, Arc<AtomicBool>) {
+    let _ = listener.set_sync_wakeup();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (l, lg, st) = (Arc::new(listener), log.clone(), stop.clone());
+    let h = std::thread::Builder::new()
+        .name("guard-notify".into())
+        .spawn(move || serve(l, lg, st))
+        .expect("spawning the notification thread");
+    (h, stop)
+}
+
+impl Guard {
+    /// Starts `argv` under the guard: pid 1 of a new pid + mount namespace, filter installed
+    /// before exec.
+    pub fn launch(opts: Options, argv: Vec<String>) -> Result<Guard> {
+        if argv.is_empty() {
+            return Err(Error::Usage(
+                "no command given: kintsugi guard -- CMD ARGS…".into(),
+            ));
+        }
+        prepare_dir(&opts.images)?;
+        let path = resolve(&argv[0])?;
+        let env: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some(format!("{}={}", k.to_str()?, v.to_str()?)))
+            .collect();
+        let exec =
+            sys::ns::ExecArgs::new(&path, &argv, &env).map_err(|e| Error::Usage(e.to_string()))?;
+        let filter = NotifyFilter::new(&log::trapped_numbers())
+            .map_err(|e| Error::sys("building the seccomp filter", e))?;
+        let (r1, w1) = sys::ns::pipe_cloexec().map_err(|e| Error::sys("pipe", e))?;
+        let (r2, w2) = sys::ns::pipe_cloexec().map_err(|e| Error::sys("pipe", e))?;
+        use std::os::fd::AsRawFd;
+        let (w1r, r2r) = (w1.as_raw_fd(), r2.as_raw_fd());
+        let flags = sys::ns::NEWPID | sys::ns::NEWNS;
+        let pid = match sys::ns::clone3_fork(flags, &[])
+            .map_err(|e| Error::sys("clone3 into a new pid namespace", e))?
+        {
+            sys::process::Fork::Child => {
+                let _ = sys::ns::make_mounts_private();
+                let l = sys::seccomp::install_listener_filter(&filter).unwrap_or(-1);
+                sys::ns::raw_write(w1r, &l.to_ne_bytes());
+                let mut b = [0u8; 1];
+                if l < 0 || sys::ns::raw_read(r2r, &mut b) != 1 {
+                    sys::process::exit_now(126);
+                }
+                let _ = exec.exec();
+                sys::process::exit_now(127);
+            }
+            sys::process::Fork::Parent(pid) => pid,
+        };
+        drop((w1, r2));
+        let inc = Incarnation::launched(pid)?;
+        let mut b = [0u8; 4];
+        {
+            use std::io::Read;
+            let mut f = std::fs::File::from(r1);
+            f.read_exact(&mut b)
+                .map_err(|e| Error::sys("reading the listener fd from the program", e))?;
+        }
+        let raw = i32::from_ne_bytes(b);
+        if raw < 0 {
+            let _ = sys::process::wait_pid(pid);
+            return Err(Error::Restore(
+                "the program could not install the seccomp filter".into(),
+            ));
+        }
+        let lfd = sys::guard_fd::pidfd_getfd(inc.pidfd.as_fd(), raw)
+            .map_err(|e| Error::sys("pidfd_getfd of the listener", e))?;
+        let log = Arc::new(Mutex::new(Log::default()));
+        let server = start_server(Listener::from_fd(lfd), &log);
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::from(w2);
+            f.write_all(&[1])
+                .map_err(|e| Error::sys("releasing the program", e))?;
+        }
+        let seq = image::list_layers(&opts.images)?
+            .last()
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let status = Status {
+            guard_pid: Pid::this().as_raw(),
+            app_pid: pid.as_raw(),
+            argv: argv.clone(),
+            epoch_ms: opts.epoch.as_millis() as u64,
+            state: "running".into(),
+            restorable: true,
+            ..Default::default()
+        };
+        tracing::info!(target: "guard", "guarding {:?} as pid {pid} (pid 1 in its namespace)", argv);
+        Ok(Guard {
+            opts,
+            prog: Program {
+                argv,
+                inherited: own_inherited(),
+            },
+            filter,
+            log,
+            inc,
+            server: Some(server),
+            merger: None,
+            next_seq: seq,
+            next_full: true,
+            status,
+        })
+    }
+
+    /// Restores the program from `opts.images` (after both it and its guard died) and guards it.
+    pub fn from_images(opts: Options) -> Result<Guard> {
+        let filter = NotifyFilter::new(&log::trapped_numbers())
+            .map_err(|e| Error::sys("building the seccomp filter", e))?;
+        let log = Arc::new(Mutex::new(Log::default()));
+        let t0 = Instant::now();
+        let r = crate::restore::restore(&opts.images, &filter)?;
+        tracing::info!(target: "guard", "restored layer {} ({} KiB of pages) in {:?} as pid {}", r.seq, r.page_bytes / 1024, t0.elapsed(), r.inc.pid);
+        let status = Status {
+            guard_pid: Pid::this().as_raw(),
+            app_pid: r.inc.pid.as_raw(),
+            argv: r.state.argv.clone(),
+            epoch_ms: opts.epoch.as_millis() as u64,
+            state: "running".into(),
+            last_layer: r.seq,
+            restorable: true,
+            restores: 1,
+            ..Default::default()
+        };
+        let mut g = Guard {
+            prog: Program {
+                argv: r.state.argv.clone(),
+                inherited: own_inherited(),
+            },
+            filter,
+            log,
+            inc: r.inc,
+            server: None,
+            merger: None,
+            next_seq: r.seq + 1,
+            next_full: false,
+            status,
+            opts,
+        };
+        g.adopt_log(&r.state, r.sockets);
+        g.server = Some(start_server(r.listener, &g.log));
+        Ok(g)
+    }
+
+    fn adopt_log(&mut self, st: &crate::model::ProcState, sockets: crate::procfs::SocketLog) {
+        let mut l = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let trapped = l.trapped;
+        *l = Log::default();
+        l.trapped = trapped;
+        l.committed_sigactions = st.sigactions.iter().copied().collect();
+        l.itimers = st.itimers.iter().map(|t| (t.which, *t)).collect();
+        l.altstack = st.threads.first().and_then(|t| t.altstack);
+        l.sockets = sockets;
+    }
+
+    /// The program's pid (host namespace).
+    pub fn app_pid(&self) -> Pid {
+        self.inc.pid
+    }
+
+    /// Guards until the program exits on its own (returns its shell exit code) or cannot be
+    /// restored any more.
+    pub fn run(mut self) -> Result<i32> {
+        self.write_status();
+        let mut next = Instant::now() + self.opts.epoch;
+        loop {
+            let now = Instant::now();
+            let wait = next.saturating_duration_since(now);
+            let ended =
+                sys::pidfd::wait_readable(self.inc.pidfd.as_fd(), Some(wait)).unwrap_or(false);
+            if ended {
+                let st = self.inc.pidfd.try_wait().ok().flatten();
+                if let Some(code) = self.on_exit(st)? {
+                    return Ok(code);
+                }
+                next = Instant::now() + self.opts.epoch;
+                continue;
+            }
+            if Instant::now() < next {
+                continue;
+            }
+            next += self.opts.epoch;
+            if next < Instant::now() {
+                next = Instant::now() + self.opts.epoch;
+            }
+            match self.epoch() {
+                Ok(()) => {}
+                Err(e) if e.program_gone() => {
+                    // Killed while we had it stopped: its wait status went to ptrace.
+                    if let Some(code) = self.on_exit(Some(ExitStatus::Signaled {
+                        signal: libc::SIGKILL,
+                        core: false,
+                    }))? {
+                        return Ok(code);
+                    }
+                    next = Instant::now() + self.opts.epoch;
+                }
+                Err(e) => tracing::warn!(target: "guard", "checkpoint failed: {e}"),
+            }
+        }
+    }
+
+    /// One checkpoint: stop, capture, resume, then write the layer.
+    pub fn epoch(&mut self) -> Result<()> {
+        let seq = self.next_seq;
+        let (mut layer, stats) = self.inc.checkpoint(&self.prog, &self.log, seq)?;
+        layer.full = self.next_full;
+        let refusals = layer.state.state.refusals.clone();
+        match image::write_layer(&self.opts.images, &layer) {
+            Ok(bytes) => {
+                self.next_seq += 1;
+                self.next_full = false;
+                self.status.last_layer = seq;
+                self.status.layers_written += 1;
+                self.status.last_layer_bytes = bytes;
+            }
+            Err(e) => {
+                // The chain now misses this epoch's pages: start over with a full layer.
+                tracing::warn!(target: "guard", "writing layer {seq} to {}: {e}", self.opts.images.display());
+                self.inc.force_full();
+                self.next_full = true;
+            }
+        }
+        self.status.last_pause_us = stats.pause.as_micros() as u64;
+        self.status.restorable = refusals.is_empty();
+        self.status.refusals = refusals;
+        self.status.trapped_calls = self.log.lock().map(|l| l.trapped).unwrap_or(0);
+        if self
+            .status
+            .layers_written
+            .is_multiple_of(self.opts.merge_every)
+        {
+            self.start_merge();
+        }
+        self.write_status();
+        Ok(())
+    }
+
+    fn start_merge(&mut self) {
+        if let Some(h) = &self.merger
+            && !h.is_finished()
+        {
+            return;
+        }
+        if let Some(h) = self.merger.take() {
+            let _ = h.join();
+        }
+        let dir = self.opts.images.clone();
+        self.merger = std::thread::Builder::new()
+            .name("guard-merge".into())
+            .spawn(move || {
+                if let Err(e) = image::merge(&dir) {
+                    tracing::warn!(target: "guard", "merging layers in {}: {e}", dir.display());
+                }
+            })
+            .ok();
+    }
+
+    fn wait_merge(&mut self) {
+        if let Some(h) = self.merger.take() {
+            let _ = h.join();
+        }
+    }
+
+    fn stop_server(&mut self) {
+        if let Some((h, stop)) = self.server.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = h.join();
+        }
+    }
+
+    /// The program ended. `Some(code)`: the guard is done; `None`: restored, keep guarding.
+    fn on_exit(&mut self, st: Option<ExitStatus>) -> Result<Option<i32>> {
+        self.stop_server();
+        let st = st.unwrap_or(ExitStatus::Signaled {
+            signal: libc::SIGKILL,
+            core: false,
+        });
+        match st {
+            ExitStatus::Exited(code) => {
+                self.status.state = format!("exited {code}");
+                self.write_status();
+                self.wait_merge();
+                Ok(Some(code))
+            }
+            ExitStatus::Signaled { signal, .. } => {
+                tracing::warn!(target: "guard", "program pid {} {st}; restoring", self.inc.pid);
+                if self.status.restores >= self.opts.max_restores {
+                    self.status.state = format!("gave up after {} restores", self.status.restores);
+                    self.write_status();
+                    return Ok(Some(128 + signal));
+                }
+                if !self.status.restorable {
+                    self.status.state =
+                        format!("{st}; not restorable: {}", self.status.refusals.join("; "));
+                    self.write_status();
+                    return Ok(Some(128 + signal));
+                }
+                self.status.state = "restoring".into();
+                self.write_status();
+                self.wait_merge();
+                let t0 = Instant::now();
+                let r = match crate::restore::restore(&self.opts.images, &self.filter) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.status.state = format!("restore failed: {e}");
+                        self.write_status();
+                        return Err(e);
+                    }
+                };
+                tracing::info!(target: "guard", "restored layer {} in {:?} as pid {}", r.seq, t0.elapsed(), r.inc.pid);
+                self.inc = r.inc;
+                self.next_seq = r.seq + 1;
+                self.next_full = false;
+                self.adopt_log(&r.state, r.sockets);
+                self.server = Some(start_server(r.listener, &self.log));
+                self.status.restores += 1;
+                self.status.app_pid = self.inc.pid.as_raw();
+                self.status.state = "running".into();
+                self.write_status();
+                Ok(None)
+            }
+        }
+    }
+
+    fn write_status(&self) {
+        if let Ok(b) = serde_json::to_vec_pretty(&self.status) {
+            // Advisory file: atomic (rename) but not fsynced every epoch.
+            let tmp = self.opts.images.join(".status.json.tmp");
+            if std::fs::write(&tmp, b).is_ok() {
+                let _ = std::fs::rename(tmp, self.opts.images.join("status.json"));
+            }
+        }
+    }
+}
+
+fn prepare_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::sys(format!("creating image directory {}", dir.display()), e))?;
+    // A previous run's layers describe another process: start a fresh chain.
+    for s in image::list_layers(dir)? {
+        let _ = std::fs::remove_file(dir.join(image::layer_name(s)));
+    }
+    Ok(())
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.stop_server();
+        self.wait_merge();
+    }
+}

@@ -1,0 +1,603 @@
+//! The on-disk image: a directory of layers `layer-NNNNNNNN.img`, each one file.
+//!
+//! Layer file = header, records, end record:
+//! - header: magic `KGUARDIM`, version (u32 LE), sequence number (u64), flags (u32, bit 0 =
+//!   full), crc32c of the preceding 24 bytes (u32).
+//! - record: tag (u8), payload length (u64 LE), payload, crc32c of tag+length+payload (u32).
+//!   Tag 1 = state (JSON [`ProcState`] + log delta), tag 2 = pages (u64 address + bytes).
+//! - end record: tag 0xFF whose payload is the number of preceding records (u64); a file
+//!   without it is truncated.
+//!
+//! Files are written to a temporary name, fsynced, renamed, and the directory fsynced: a
+//! layer either exists complete or not at all. A full layer has every page; an incremental
+//! one only the pages written since the previous layer. Restore applies the newest full layer
+//! and the incrementals after it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{LogEntry, ProcState};
+
+const MAGIC: &[u8; 8] = b"KGUARDIM";
+/// Current format version.
+pub const VERSION: u32 = 1;
+const TAG_STATE: u8 = 1;
+const TAG_PAGES: u8 = 2;
+const TAG_END: u8 = 0xFF;
+const HEADER_LEN: usize = 28;
+/// Largest payload a reader accepts (a pages record is split below this).
+const MAX_RECORD: u64 = 1 << 30;
+/// Pages records are cut at this size so an error names a small region.
+const PAGES_RECORD: usize = 4 << 20;
+
+/// What can be wrong with an image. Every variant names the file and, where there is one,
+/// the record, so the operator knows what is damaged.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot read image {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} is not a guard image layer (bad magic); point --images at a directory written by `kintsugi guard`"
+    )]
+    BadMagic { path: PathBuf },
+    #[error(
+        "{path}: image format version {found} is not supported (this build reads version {VERSION})"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error(
+        "{path}: header checksum mismatch: the file is corrupt; restore from an older copy of the directory"
+    )]
+    HeaderCrc { path: PathBuf },
+    #[error(
+        "{path}: record {index} ({what}) is truncated: the file was cut short; it cannot be restored"
+    )]
+    Truncated {
+        path: PathBuf,
+        index: usize,
+        what: &'static str,
+    },
+    #[error(
+        "{path}: record {index} ({what}) fails its checksum: the file is corrupt; it cannot be restored"
+    )]
+    RecordCrc {
+        path: PathBuf,
+        index: usize,
+        what: &'static str,
+    },
+    #[error("{path}: record {index} ({what}) is malformed: {why}")]
+    Malformed {
+        path: PathBuf,
+        index: usize,
+        what: &'static str,
+        why: String,
+    },
+    #[error("{path}: no end record: the layer is incomplete; it cannot be restored")]
+    NoEnd { path: PathBuf },
+    #[error(
+        "image directory {dir} holds no complete layer: nothing to restore (was the guard ever run with --images {dir}?)"
+    )]
+    Empty { dir: PathBuf },
+    #[error(
+        "image directory {dir}: layer {seq} needs the full layer it builds on, but none exists at or before it"
+    )]
+    NoBase { dir: PathBuf, seq: u64 },
+    #[error(
+        "image directory {dir}: layer {missing} is missing between full layer {base} and layer {top}"
+    )]
+    Gap {
+        dir: PathBuf,
+        base: u64,
+        top: u64,
+        missing: u64,
+    },
+}
+
+fn tag_name(tag: u8) -> &'static str {
+    match tag {
+        TAG_STATE => "state",
+        TAG_PAGES => "pages",
+        TAG_END => "end",
+        _ => "unknown",
+    }
+}
+
+/// The state record's payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateRecord {
+    pub state: ProcState,
+    /// Log entries committed during this epoch.
+    pub log: Vec<LogEntry>,
+    /// Entries left out of `log` because an epoch had too many.
+    pub log_dropped: u64,
+}
+
+/// One layer, in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layer {
+    pub seq: u64,
+    pub full: bool,
+    pub state: StateRecord,
+    /// Page runs `(address, bytes)`, page-aligned, in address order within the layer.
+    pub pages: Vec<(u64, Vec<u8>)>,
+}
+
+impl Layer {
+    /// Bytes of page data.
+    pub fn page_bytes(&self) -> u64 {
+        self.pages.iter().map(|p| p.1.len() as u64).sum()
+    }
+}
+
+/// File name of layer `seq`.
+pub fn layer_name(seq: u64) -> String {
+    format!("layer-{seq:08}.img")
+}
+
+fn parse_name(name: &str) -> Option<u64> {
+    name.strip_prefix("layer-")?
+        .strip_suffix(".img")?
+        .parse()
+        .ok()
+}
+
+fn record(out: &mut Vec<u8>, tag: u8, payload: &[&[u8]]) {
+    let len: u64 = payload.iter().map(|p| p.len() as u64).sum();
+    let start = out.len();
+    out.push(tag);
+    out.extend_from_slice(&len.to_le_bytes());
+    for p in payload {
+        out.extend_from_slice(p);
+    }
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Serializes a layer.
+pub fn encode(layer: &Layer) -> Vec<u8> {
+    let mut out = Vec::with_capacity(layer.page_bytes() as usize + 4096);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&layer.seq.to_le_bytes());
+    out.extend_from_slice(&u32::from(layer.full).to_le_bytes());
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    let state = serde_json::to_vec(&layer.state).expect("state serializes");
+    record(&mut out, TAG_STATE, &[&state]);
+    let mut n = 1u64;
+    for (addr, bytes) in &layer.pages {
+        for (i, chunk) in bytes.chunks(PAGES_RECORD).enumerate() {
+            let a = addr + (i * PAGES_RECORD) as u64;
+            record(&mut out, TAG_PAGES, &[&a.to_le_bytes(), chunk]);
+            n += 1;
+        }
+    }
+    record(&mut out, TAG_END, &[&n.to_le_bytes()]);
+    out
+}
+
+/// Parses a layer; `path` only names the file in errors.
+pub fn decode(path: &Path, buf: &[u8]) -> Result<Layer, ImageError> {
+    let p = || path.to_path_buf();
+    if buf.len() < 8 || &buf[..8] != MAGIC {
+        return Err(ImageError::BadMagic { path: p() });
+    }
+    if buf.len() < HEADER_LEN {
+        return Err(ImageError::Truncated {
+            path: p(),
+            index: 0,
+            what: "header",
+        });
+    }
+    let version = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&buf[..24]) != crc {
+        return Err(ImageError::HeaderCrc { path: p() });
+    }
+    if version != VERSION {
+        return Err(ImageError::Version {
+            path: p(),
+            found: version,
+        });
+    }
+    let seq = u64::from_le_bytes(buf[12..20].try_into().expect("8 bytes"));
+    let full = u32::from_le_bytes(buf[20..24].try_into().expect("4 bytes")) & 1 == 1;
+    let mut at = HEADER_LEN;
+    let mut index = 0usize;
+    let mut state = None;
+    let mut pages: Vec<(u64, Vec<u8>)> = Vec::new();
+    loop {
+        index += 1;
+        if at == buf.len() {
+            return Err(ImageError::NoEnd { path: p() });
+        }
+        let tag = buf[at];
+        let what = tag_name(tag);
+        if buf.len() - at < 9 {
+            return Err(ImageError::Truncated {
+                path: p(),
+                index,
+                what,
+            });
+        }
+        let len = u64::from_le_bytes(buf[at + 1..at + 9].try_into().expect("8 bytes"));
+        if len > MAX_RECORD || ((buf.len() - at - 9) as u64) < len + 4 {
+            return Err(ImageError::Truncated {
+                path: p(),
+                index,
+                what,
+            });
+        }
+        let end = at + 9 + len as usize;
+        let want = u32::from_le_bytes(buf[end..end + 4].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&buf[at..end]) != want {
+            return Err(ImageError::RecordCrc {
+                path: p(),
+                index,
+                what,
+            });
+        }
+        let payload = &buf[at + 9..end];
+        at = end + 4;
+        let bad = |why: String| ImageError::Malformed {
+            path: p(),
+            index,
+            what,
+            why,
+        };
+        match tag {
+            TAG_STATE => {
+                let s: StateRecord =
+                    serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
+                state = Some(s);
+            }
+            TAG_PAGES => {
+                if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(4096) {
+                    return Err(bad(format!(
+                        "{} bytes is not an address plus whole pages",
+                        payload.len()
+                    )));
+                }
+                let addr = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+                if addr % 4096 != 0 {
+                    return Err(bad(format!("address {addr:#x} is not page-aligned")));
+                }
+                let data = &payload[8..];
+                match pages.last_mut() {
+                    Some((a, d)) if *a + d.len() as u64 == addr => d.extend_from_slice(data),
+                    _ => pages.push((addr, data.to_vec())),
+                }
+            }
+            TAG_END => {
+                if payload.len() != 8 {
+                    return Err(bad("end record must hold 8 bytes".into()));
+                }
+                let n = u64::from_le_bytes(payload.try_into().expect("8 bytes"));
+                if n != (index - 1) as u64 {
+                    return Err(bad(format!(
+                        "end record counts {n} records, file has {}",
+                        index - 1
+                    )));
+                }
+                if at != buf.len() {
+                    return Err(bad("bytes after the end record".into()));
+                }
+                let state = state.ok_or_else(|| bad("no state record".into()))?;
+                return Ok(Layer {
+                    seq,
+                    full,
+                    state,
+                    pages,
+                });
+            }
+            _ => return Err(bad(format!("unknown record tag {tag}"))),
+        }
+    }
+}
+
+/// Writes `bytes` to `dir/name` durably: temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
+/// Writes a layer into `dir`.
+pub fn write_layer(dir: &Path, layer: &Layer) -> io::Result<u64> {
+    let bytes = encode(layer);
+    write_atomic(dir, &layer_name(layer.seq), &bytes)?;
+    Ok(bytes.len() as u64)
+}
+
+/// Reads one layer file.
+pub fn read_layer(path: &Path) -> Result<Layer, ImageError> {
+    let mut buf = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut buf))
+        .map_err(|source| ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    decode(path, &buf)
+}
+
+/// Sequence numbers of the layer files in `dir`, ascending. Leftover temporaries are ignored.
+pub fn list_layers(dir: &Path) -> Result<Vec<u64>, ImageError> {
+    let rd = fs::read_dir(dir).map_err(|source| ImageError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut v: Vec<u64> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(parse_name))
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// The restorable image: the newest layer's state and the page contents that the newest
+/// full layer plus the incrementals after it add up to.
+#[derive(Debug)]
+pub struct Chain {
+    pub top: u64,
+    pub base: u64,
+    pub state: ProcState,
+    /// Page address → contents (4096 bytes), latest writer wins; only pages inside the top
+    /// state's mappings, and only from layers at or after each mapping's `base_seq`.
+    pub pages: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Chain {
+    pub fn page_bytes(&self) -> u64 {
+        self.pages.len() as u64 * 4096
+    }
+}
+
+/// Loads the newest restorable chain from `dir`. Every layer of the chain must parse: a
+/// damaged one fails the whole load (never a half-restore).
+pub fn load_chain(dir: &Path) -> Result<Chain, ImageError> {
+    let seqs = list_layers(dir)?;
+    let Some(&top) = seqs.last() else {
+        return Err(ImageError::Empty {
+            dir: dir.to_path_buf(),
+        });
+    };
+    let mut layers: Vec<Layer> = Vec::new();
+    let mut want = top;
+    loop {
+        if !seqs.contains(&want) {
+            let base = seqs
+                .iter()
+                .copied()
+                .filter(|&s| s < want)
+                .max()
+                .unwrap_or(0);
+            return Err(if layers.iter().any(|l| l.full) || base == 0 {
+                ImageError::NoBase {
+                    dir: dir.to_path_buf(),
+                    seq: top,
+                }
+            } else {
+                ImageError::Gap {
+                    dir: dir.to_path_buf(),
+                    base,
+                    top,
+                    missing: want,
+                }
+            });
+        }
+        let l = read_layer(&dir.join(layer_name(want)))?;
+        let full = l.full;
+        layers.push(l);
+        if full {
+            break;
+        }
+        if want == 0 {
+            return Err(ImageError::NoBase {
+                dir: dir.to_path_buf(),
+                seq: top,
+            });
+        }
+        want -= 1;
+    }
+    layers.reverse();
+    Ok(fold(layers))
+}
+
+/// Folds layers (oldest first, the first one full) into a chain.
+pub fn fold(layers: Vec<Layer>) -> Chain {
+    let base = layers.first().map(|l| l.seq).unwrap_or(0);
+    let top_layer = layers.last().expect("at least one layer");
+    let top = top_layer.seq;
+    let state = top_layer.state.state.clone();
+    let mut pages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for l in layers {
+        for (addr, data) in l.pages {
+            for (i, page) in data.chunks(4096).enumerate() {
+                let a = addr + (i as u64) * 4096;
+                let keep = state
+                    .vmas
+                    .iter()
+                    .any(|v| v.contains(a) && v.has_pages() && l.seq >= v.base_seq);
+                if keep {
+                    pages.insert(a, page.to_vec());
+                } else {
+                    pages.remove(&a);
+                }
+            }
+        }
+    }
+    // Mappings re-captured in full after an older layer wrote pages there: drop the stale ones.
+    pages.retain(|a, _| state.vmas.iter().any(|v| v.contains(*a) && v.has_pages()));
+    Chain {
+        top,
+        base,
+        state,
+        pages,
+    }
+}
+
+/// Merges the chain ending at the newest layer into one full layer with the same sequence
+/// number (atomically replacing it), then deletes the layers it absorbed. Run in the
+/// background; a crash in between leaves either the old chain or the merged layer.
+pub fn merge(dir: &Path) -> Result<u64, ImageError> {
+    let chain = load_chain(dir)?;
+    if chain.base == chain.top {
+        return Ok(chain.top);
+    }
+    let top_layer = read_layer(&dir.join(layer_name(chain.top)))?;
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (a, p) in &chain.pages {
+        match runs.last_mut() {
+            Some((ra, rd)) if *ra + rd.len() as u64 == *a => rd.extend_from_slice(p),
+            _ => runs.push((*a, p.clone())),
+        }
+    }
+    let merged = Layer {
+        seq: chain.top,
+        full: true,
+        state: top_layer.state,
+        pages: runs,
+    };
+    write_layer(dir, &merged).map_err(|source| ImageError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for s in list_layers(dir)? {
+        if s < chain.top {
+            let _ = fs::remove_file(dir.join(layer_name(s)));
+        }
+    }
+    Ok(chain.top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Vma, VmaKind};
+    use proptest::prelude::*;
+
+    fn state_with(vmas: Vec<Vma>) -> StateRecord {
+        StateRecord {
+            state: ProcState {
+                vmas,
+                ..Default::default()
+            },
+            log: vec![],
+            log_dropped: 0,
+        }
+    }
+
+    fn anon(start: u64, end: u64, base_seq: u64) -> Vma {
+        Vma {
+            start,
+            end,
+            prot: 3,
+            kind: VmaKind::Anon,
+            label: String::new(),
+            base_seq,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_corruption_names_the_record() {
+        let l = Layer {
+            seq: 3,
+            full: true,
+            state: state_with(vec![anon(0x10000, 0x20000, 1)]),
+            pages: vec![(0x10000, vec![7u8; 8192]), (0x1f000, vec![9u8; 4096])],
+        };
+        let bytes = encode(&l);
+        let p = Path::new("t.img");
+        assert_eq!(decode(p, &bytes).unwrap(), l);
+        let mut bad = bytes.clone();
+        let n = bad.len();
+        bad[n - 21 - 100] ^= 1; // inside the second pages record (the end record is 21 bytes)
+        let e = decode(p, &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("record 3 (pages)") && e.contains("checksum"),
+            "{e}"
+        );
+        let e = decode(p, &bytes[..bytes.len() - 3])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
+        let e = decode(p, &bytes[..HEADER_LEN]).unwrap_err().to_string();
+        assert!(e.contains("no end record"), "{e}");
+        let mut v = bytes.clone();
+        v[8] = 9;
+        assert!(matches!(decode(p, &v), Err(ImageError::HeaderCrc { .. })));
+    }
+
+    #[test]
+    fn chain_folds_incrementals_and_respects_rebaselined_mappings() {
+        let dir = std::env::temp_dir().join(format!("guard-image-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let l1 = Layer {
+            seq: 1,
+            full: true,
+            state: state_with(vec![anon(0x10000, 0x13000, 1)]),
+            pages: vec![(0x10000, vec![1u8; 3 * 4096])],
+        };
+        let l2 = Layer {
+            seq: 2,
+            full: false,
+            state: state_with(vec![anon(0x10000, 0x13000, 1)]),
+            pages: vec![(0x11000, vec![2u8; 4096])],
+        };
+        // Layer 3: the mapping was replaced (base_seq 3) and only page 0x12000 holds data.
+        let l3 = Layer {
+            seq: 3,
+            full: false,
+            state: state_with(vec![anon(0x10000, 0x13000, 3)]),
+            pages: vec![(0x12000, vec![3u8; 4096])],
+        };
+        for l in [&l1, &l2] {
+            write_layer(&dir, l).unwrap();
+        }
+        let c = load_chain(&dir).unwrap();
+        assert_eq!((c.base, c.top), (1, 2));
+        assert_eq!(c.pages[&0x10000][0], 1);
+        assert_eq!(c.pages[&0x11000][0], 2);
+        write_layer(&dir, &l3).unwrap();
+        let c = load_chain(&dir).unwrap();
+        assert_eq!(c.pages.keys().copied().collect::<Vec<_>>(), vec![0x12000]);
+        assert_eq!(merge(&dir).unwrap(), 3);
+        assert_eq!(list_layers(&dir).unwrap(), vec![3]);
+        let c = load_chain(&dir).unwrap();
+        assert_eq!((c.base, c.top, c.pages.len()), (3, 3, 1));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(Path::new("x"), &bytes);
+        }
+
+        #[test]
+        fn decode_rejects_any_single_bit_flip(seed in 0usize..10_000, bit in 0u8..8) {
+            let l = Layer { seq: 1, full: false, state: state_with(vec![]), pages: vec![(0x4000, vec![5u8; 4096])] };
+            let mut bytes = encode(&l);
+            let i = seed % bytes.len();
+            bytes[i] ^= 1 << bit;
+            prop_assert!(decode(Path::new("x"), &bytes).is_err());
+        }
+
+        #[test]
+        fn round_trip(seq in 0u64..1000, full: bool, npages in 0usize..4, fill: u8) {
+            let pages = (0..npages).map(|i| ((i as u64 + 1) * 0x10000, vec![fill; 4096 * (i + 1)])).collect();
+            let l = Layer { seq, full, state: state_with(vec![anon(0x10000, 0x90000, 0)]), pages };
+            prop_assert_eq!(decode(Path::new("x"), &encode(&l)).unwrap(), l);
+        }
+    }
+}

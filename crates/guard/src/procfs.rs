@@ -1,0 +1,437 @@
+//! Reading a stopped process's state from /proc: mappings, fds (with fdinfo), signal bits,
+//! umask, memory-layout fields, sockets. The trapped-call log says *what changed*; /proc is
+//! the authority on *whether it happened* (commit on success).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+
+use sys::Pid;
+
+use crate::model::{Fd, FdKind, MmLayout, Vma, VmaKind};
+
+/// Parses `/proc/PID/maps` into mappings (base_seq 0; the caller sets it).
+pub fn maps(pid: Pid) -> io::Result<Vec<Vma>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(text.lines().filter_map(parse_maps_line).collect())
+}
+
+/// One line of /proc/PID/maps. `None` for `[vsyscall]` (fixed, not part of the mm).
+pub fn parse_maps_line(line: &str) -> Option<Vma> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next()?;
+    let perms = it.next()?.as_bytes();
+    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+    let _dev = it.next()?;
+    let inode: u64 = it.next()?.parse().ok()?;
+    let path = it.next().unwrap_or("").trim_start().to_string();
+    let (a, b) = range.split_once('-')?;
+    let start = u64::from_str_radix(a, 16).ok()?;
+    let end = u64::from_str_radix(b, 16).ok()?;
+    if perms.len() < 4 {
+        return None;
+    }
+    let mut prot = 0u32;
+    if perms[0] == b'r' {
+        prot |= libc::PROT_READ as u32;
+    }
+    if perms[1] == b'w' {
+        prot |= libc::PROT_WRITE as u32;
+    }
+    if perms[2] == b'x' {
+        prot |= libc::PROT_EXEC as u32;
+    }
+    let shared = perms[3] == b's';
+    let kind = match path.as_str() {
+        "[vsyscall]" => return None,
+        "[vdso]" => VmaKind::Vdso,
+        "[vvar]" | "[vvar_vclock]" => VmaKind::Vvar,
+        p if inode != 0 && p.starts_with('/') => {
+            let deleted = p.ends_with(" (deleted)");
+            if shared && (deleted || p.starts_with("/dev/zero") || p.starts_with("/SYSV")) {
+                VmaKind::SharedAnon
+            } else if shared {
+                VmaKind::SharedFile {
+                    path: p.to_string(),
+                    offset,
+                }
+            } else if deleted {
+                VmaKind::Anon
+            } else {
+                VmaKind::PrivateFile {
+                    path: p.to_string(),
+                    offset,
+                }
+            }
+        }
+        _ if shared => VmaKind::SharedAnon,
+        _ => VmaKind::Anon,
+    };
+    Some(Vma {
+        start,
+        end,
+        prot,
+        kind,
+        label: path,
+        base_seq: 0,
+    })
+}
+
+/// Whether a mapping's writes are tracked by the uffd-wp tracker.
+pub fn trackable(v: &Vma) -> bool {
+    matches!(
+        v.kind,
+        VmaKind::Anon | VmaKind::PrivateFile { .. } | VmaKind::SharedAnon
+    )
+}
+
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+}
+
+/// `(SigCgt, SigIgn, Umask, thread count)` from /proc/PID/status.
+pub fn status(pid: Pid) -> io::Result<(u64, u64, u32, u32)> {
+    let t = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hex = |k| {
+        field(&t, k)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .unwrap_or(0)
+    };
+    let umask = field(&t, "Umask:")
+        .and_then(|v| u32::from_str_radix(v, 8).ok())
+        .unwrap_or(0o022);
+    let threads = field(&t, "Threads:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    Ok((hex("SigCgt:"), hex("SigIgn:"), umask, threads))
+}
+
+/// Memory-layout fields from /proc/PID/stat and the auxiliary vector; `brk` is left 0.
+pub fn mm_layout(pid: Pid) -> io::Result<MmLayout> {
+    let t = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = t.rsplit_once(") ").map(|x| x.1).unwrap_or("");
+    // rest starts at field 3 (state); field N is rest[N-3].
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let g = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    let raw = fs::read(format!("/proc/{pid}/auxv"))?;
+    let auxv = raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    Ok(MmLayout {
+        start_code: g(26),
+        end_code: g(27),
+        start_stack: g(28),
+        start_data: g(45),
+        end_data: g(46),
+        start_brk: g(47),
+        brk: 0,
+        arg_start: g(48),
+        arg_end: g(49),
+        env_start: g(50),
+        env_end: g(51),
+        auxv,
+    })
+}
+
+/// A TCP socket from /proc/PID/net/tcp{,6}.
+#[derive(Debug, Clone)]
+pub struct TcpSock {
+    pub v6: bool,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub listening: bool,
+}
+
+/// TCP sockets visible in the process's network namespace, by inode.
+pub fn tcp_sockets(pid: Pid) -> HashMap<u64, TcpSock> {
+    let mut m = HashMap::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let Ok(t) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+            continue;
+        };
+        for line in t.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let Some((a, p)) = f[1].split_once(':') else {
+                continue;
+            };
+            let Ok(port) = u16::from_str_radix(p, 16) else {
+                continue;
+            };
+            let mut addr = [0u8; 16];
+            // /proc prints the address as 32-bit words in host (little-endian) order.
+            for (i, chunk) in a.as_bytes().chunks(8).enumerate().take(4) {
+                let w =
+                    u32::from_str_radix(std::str::from_utf8(chunk).unwrap_or("0"), 16).unwrap_or(0);
+                addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            let listening = f[3] == "0A";
+            let Ok(inode) = f[9].parse::<u64>() else {
+                continue;
+            };
+            m.insert(
+                inode,
+                TcpSock {
+                    v6,
+                    addr,
+                    port,
+                    listening,
+                },
+            );
+        }
+    }
+    m
+}
+
+/// What the guard knows about sockets from the log, by socket inode.
+#[derive(Debug, Default, Clone)]
+pub struct SocketLog {
+    pub backlog: HashMap<u64, i32>,
+    pub sockopts: HashMap<u64, Vec<crate::model::SockOpt>>,
+}
+
+/// Devices a program may hold open and still be restored (their state is trivial).
+pub const RESTORABLE_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/tty",
+];
+
+/// The fd table. `inherited` holds `(fd, dev, ino)` of the guard's own stdio at launch: an
+/// fd of the program that still names the same object is passed through on restore.
+/// Returns the fds and the reasons some cannot be restored.
+pub fn fds(
+    pid: Pid,
+    inherited: &[(i32, u64, u64)],
+    socklog: &SocketLog,
+) -> io::Result<(Vec<Fd>, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut refusals = Vec::new();
+    let tcp = tcp_sockets(pid);
+    let dir = format!("/proc/{pid}/fd");
+    let mut nums: Vec<i32> = fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    nums.sort_unstable();
+    for n in nums {
+        let Ok(link) = fs::read_link(format!("{dir}/{n}")) else {
+            continue;
+        };
+        let link = link.to_string_lossy().into_owned();
+        let Ok(info) = fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}")) else {
+            continue;
+        };
+        let flags = field(&info, "flags:")
+            .and_then(|v| i32::from_str_radix(v, 8).ok())
+            .unwrap_or(0);
+        let pos: u64 = field(&info, "pos:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let meta = fs::metadata(format!("{dir}/{n}")).ok();
+        let (dev, ino) = meta.as_ref().map(|m| (m.dev(), m.ino())).unwrap_or((0, 0));
+        if inherited
+            .iter()
+            .any(|&(f, d, i)| f == n && d == dev && i == ino)
+        {
+            out.push(Fd {
+                fd: n,
+                flags,
+                kind: FdKind::Inherited,
+            });
+            continue;
+        }
+        let kind = if let Some(rest) = link.strip_prefix("pipe:[") {
+            let inode = rest.trim_end_matches(']').parse().unwrap_or(0);
+            FdKind::Pipe {
+                inode,
+                write_end: flags & libc::O_ACCMODE == libc::O_WRONLY,
+            }
+        } else if let Some(rest) = link.strip_prefix("socket:[") {
+            let inode: u64 = rest.trim_end_matches(']').parse().unwrap_or(0);
+            match tcp.get(&inode) {
+                Some(s) if s.listening => FdKind::TcpListen {
+                    v6: s.v6,
+                    addr: s.addr,
+                    port: s.port,
+                    backlog: socklog.backlog.get(&inode).copied().unwrap_or(128),
+                    sockopts: socklog.sockopts.get(&inode).cloned().unwrap_or_default(),
+                },
+                Some(s) => FdKind::TcpOther { v6: s.v6 },
+                None => {
+                    refusals.push(format!("fd {n}: {link} is not a TCP socket (unix/UDP/netlink sockets are not restorable yet)"));
+                    continue;
+                }
+            }
+        } else if link == "anon_inode:[eventfd]" {
+            let count = field(&info, "eventfd-count:")
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .unwrap_or(0);
+            FdKind::EventFd { count }
+        } else if link == "anon_inode:[eventpoll]" {
+            let entries = info
+                .lines()
+                .filter_map(|l| {
+                    let l = l.strip_prefix("tfd:")?;
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    let tfd = w.first()?.parse().ok()?;
+                    let ev = u32::from_str_radix(
+                        w.get(w.iter().position(|x| *x == "events:")? + 1)?,
+                        16,
+                    )
+                    .ok()?;
+                    let data =
+                        u64::from_str_radix(w.get(w.iter().position(|x| *x == "data:")? + 1)?, 16)
+                            .ok()?;
+                    Some((tfd, ev, data))
+                })
+                .collect();
+            FdKind::Epoll { entries }
+        } else if link == "anon_inode:[timerfd]" {
+            let clock = field(&info, "clockid:")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(libc::CLOCK_MONOTONIC);
+            let ts = |k: &str| -> u64 {
+                let v = field(&info, k).unwrap_or("(0, 0)");
+                let nums: Vec<u64> = v
+                    .trim_matches(|c| c == '(' || c == ')')
+                    .split(',')
+                    .map(|x| x.trim().parse().unwrap_or(0))
+                    .collect();
+                nums.first().copied().unwrap_or(0) * 1_000_000_000
+                    + nums.get(1).copied().unwrap_or(0)
+            };
+            FdKind::TimerFd {
+                clock,
+                value_ns: ts("it_value:"),
+                interval_ns: ts("it_interval:"),
+            }
+        } else if link == "anon_inode:[signalfd]" {
+            let mask = field(&info, "sigmask:")
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .unwrap_or(0);
+            FdKind::SignalFd { mask }
+        } else if link.starts_with('/') && !link.ends_with(" (deleted)") {
+            let Some(m) = meta else { continue };
+            let ft = m.file_type();
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_dir() {
+                FdKind::Dir { path: link }
+            } else if ft.is_file() {
+                let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                FdKind::File {
+                    path: link,
+                    pos,
+                    size: m.len(),
+                    writable,
+                }
+            } else if (ft.is_char_device()
+                && (RESTORABLE_DEVICES.contains(&link.as_str()) || link.starts_with("/dev/pts/")))
+                || ft.is_fifo()
+            {
+                FdKind::File {
+                    path: link,
+                    pos: 0,
+                    size: 0,
+                    writable: false,
+                }
+            } else {
+                refusals.push(format!("fd {n}: device {link} (only null, zero, random, urandom and tty are restorable)"));
+                continue;
+            }
+        } else {
+            let what = if link.contains("io_uring") {
+                "io_uring instance"
+            } else if link.contains("userfaultfd") {
+                "userfaultfd of the program's own"
+            } else {
+                "kernel object of a kind the guard cannot rebuild"
+            };
+            refusals.push(format!("fd {n}: {link}: {what}"));
+            continue;
+        };
+        out.push(Fd { fd: n, flags, kind });
+    }
+    // A pipe can only be rebuilt when both of its ends are ours.
+    let pipes: Vec<(u64, bool)> = out
+        .iter()
+        .filter_map(|f| match f.kind {
+            FdKind::Pipe { inode, write_end } => Some((inode, write_end)),
+            _ => None,
+        })
+        .collect();
+    for &(inode, we) in &pipes {
+        if !pipes.iter().any(|&(i, w)| i == inode && w != we) {
+            refusals.push(format!(
+                "pipe:[{inode}] has only one end in the program (its peer is another process)"
+            ));
+        }
+    }
+    Ok((out, refusals))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines() {
+        let v = parse_maps_line("7f00a000-7f00c000 rw-p 00000000 00:00 0 ").unwrap();
+        assert_eq!(
+            (v.start, v.end, v.prot, v.kind),
+            (0x7f00a000, 0x7f00c000, 3, VmaKind::Anon)
+        );
+        let v = parse_maps_line("55d0-56d0 r-xp 00002000 fe:01 1234 /usr/bin/cat").unwrap();
+        assert_eq!(
+            v.kind,
+            VmaKind::PrivateFile {
+                path: "/usr/bin/cat".into(),
+                offset: 0x2000
+            }
+        );
+        let v = parse_maps_line("1000-2000 rw-s 00000000 00:01 99 /dev/zero (deleted)").unwrap();
+        assert_eq!(v.kind, VmaKind::SharedAnon);
+        let v = parse_maps_line("1000-2000 rw-s 00001000 fe:01 99 /tmp/x y").unwrap();
+        assert_eq!(
+            v.kind,
+            VmaKind::SharedFile {
+                path: "/tmp/x y".into(),
+                offset: 0x1000
+            }
+        );
+        assert_eq!(
+            parse_maps_line("1000-3000 r-xp 00000000 00:00 0 [vdso]")
+                .unwrap()
+                .kind,
+            VmaKind::Vdso
+        );
+        assert!(
+            parse_maps_line("ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn own_process_state_reads() {
+        let me = Pid::this();
+        let v = maps(me).unwrap();
+        assert!(v.iter().any(|m| m.kind == VmaKind::Vdso));
+        let (_, _, umask, threads) = status(me).unwrap();
+        assert!(umask <= 0o777 && threads >= 1);
+        let mm = mm_layout(me).unwrap();
+        assert!(mm.start_code < mm.end_code && !mm.auxv.is_empty());
+        let (fds, _) = fds(me, &[], &SocketLog::default()).unwrap();
+        assert!(!fds.is_empty());
+    }
+}

@@ -1,0 +1,862 @@
+//! Restore by syscall replay (the Orthros image): a fresh process, pid 1 of a new pid
+//! namespace (clone3 `set_tid`), is driven through ptrace to issue the syscalls that rebuild
+//! the recorded kernel state: unmap its own memory, re-map the vDSO where it was
+//! (`ARCH_MAP_VDSO_64`), map every region, fill pages through /proc/PID/mem, set the
+//! memory layout (`PR_SET_MM_MAP`), reopen files at their offsets, recreate sockets, pipes,
+//! eventfds, timerfds, epoll sets, handlers, timers and rseq; then its registers, FPU state and
+//! signal mask are loaded and it runs. It keeps the seccomp filter it installed before the
+//! guard took over (suspended while the guard drives it), so guarding continues.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use sys::Pid;
+use sys::pidfd::PidFd;
+use sys::ptrace::{self, Stopped, Tracee};
+use sys::remote_mem::MemFile;
+use sys::seccomp::{Listener, NotifyFilter};
+use sys::uffd::WpTracker;
+
+use crate::checkpoint::{Incarnation, words_to_regs};
+use crate::image::{self, Chain};
+use crate::model::{Fd, FdKind, ProcState, VmaKind};
+use crate::procfs::SocketLog;
+use crate::{Error, Result};
+
+const SCRATCH_LEN: u64 = 8192;
+const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+const ARCH_MAP_VDSO_64: u64 = 0x2003;
+
+/// A restored, running program.
+#[derive(Debug)]
+pub struct Restored {
+    pub inc: Incarnation,
+    pub listener: Listener,
+    /// The layer it was restored from.
+    pub seq: u64,
+    pub state: ProcState,
+    /// Socket facts re-keyed by the new sockets' inodes.
+    pub sockets: SocketLog,
+    pub page_bytes: u64,
+}
+
+struct Driver {
+    t: Tracee<Stopped>,
+    pid: Pid,
+    insn: u64,
+    mem: MemFile,
+    scratch: u64,
+}
+
+impl Driver {
+    fn sys(&mut self, what: &str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        let r = self
+            .t
+            .inject_syscall(self.insn, nr, args)
+            .map_err(|e| Error::sys("driving the restored process", e))?;
+        if (-4095..0).contains(&r) {
+            return Err(Error::Restore(format!(
+                "{what}: {}",
+                std::io::Error::from_raw_os_error(-r as i32)
+            )));
+        }
+        Ok(r as u64)
+    }
+    /// Copies `bytes` into the scratch page's data area and returns their address there.
+    fn data(&mut self, bytes: &[u8]) -> Result<u64> {
+        if bytes.len() as u64 > SCRATCH_LEN - 64 {
+            return Err(Error::Restore(format!(
+                "argument of {} bytes does not fit the scratch page",
+                bytes.len()
+            )));
+        }
+        let at = self.scratch + 64;
+        self.mem
+            .write_all_at(at, bytes)
+            .map_err(|e| Error::sys("writing the restorer's scratch page", e))?;
+        Ok(at)
+    }
+    fn path(&mut self, p: &str) -> Result<u64> {
+        let mut b = p.as_bytes().to_vec();
+        b.push(0);
+        self.data(&b)
+    }
+    /// Moves fd `tmp` to number `target` with the right close-on-exec bit.
+    fn place(&mut self, tmp: u64, target: i32, cloexec: bool) -> Result<()> {
+        if tmp as i32 == target {
+            let fl = if cloexec { libc::FD_CLOEXEC as u64 } else { 0 };
+            self.sys(
+                "fcntl(F_SETFD)",
+                libc::SYS_fcntl,
+                [tmp, libc::F_SETFD as u64, fl, 0, 0, 0],
+            )?;
+            return Ok(());
+        }
+        let fl = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+        self.sys("dup3", libc::SYS_dup3, [tmp, target as u64, fl, 0, 0, 0])?;
+        self.sys("close", libc::SYS_close, [tmp, 0, 0, 0, 0, 0])?;
+        Ok(())
+    }
+}
+
+/// Restores the newest chain in `dir` into a new process. Refuses (before creating anything)
+/// an image the guard marked non-restorable, and any damaged layer.
+pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
+    let chain = image::load_chain(dir)?;
+    if !chain.state.refusals.is_empty() {
+        return Err(Error::NotRestorable(chain.state.refusals.join("; ")));
+    }
+    if chain.state.threads.len() != 1 {
+        return Err(Error::NotRestorable(format!(
+            "{} threads recorded",
+            chain.state.threads.len()
+        )));
+    }
+    // Writable files go back to their size at the checkpoint: what the program appended after
+    // it is appended again when it re-runs.
+    for f in &chain.state.fds {
+        if let FdKind::File {
+            path,
+            size,
+            writable: true,
+            ..
+        } = &f.kind
+            && let Ok(m) = std::fs::metadata(path)
+            && m.is_file()
+            && m.len() > *size
+        {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|fh| fh.set_len(*size))
+                .map_err(|e| Error::sys("cutting a file back to its checkpointed size", e))?;
+        }
+    }
+    let (stub, listener) = spawn_stub(filter)?;
+    match drive(stub, &chain) {
+        Ok((inc, sockets)) => Ok(Restored {
+            inc,
+            listener,
+            seq: chain.top,
+            page_bytes: chain.page_bytes(),
+            state: chain.state,
+            sockets,
+        }),
+        Err(e) => {
+            let _ = sys::process::kill(stub, libc::SIGKILL);
+            let _ = sys::process::wait_pid(stub);
+            Err(e)
+        }
+    }
+}
+
+/// Starts the process to be rebuilt: pid 1 of a new pid + mount namespace, with the guard's
+/// filter installed, parked in a read() until the guard seizes it.
+fn spawn_stub(filter: &NotifyFilter) -> Result<(Pid, Listener)> {
+    let (r1, w1) = sys::ns::pipe_cloexec().map_err(|e| Error::sys("pipe", e))?;
+    let (r2, w2) = sys::ns::pipe_cloexec().map_err(|e| Error::sys("pipe", e))?;
+    use std::os::fd::AsRawFd;
+    let (w1r, r2r) = (w1.as_raw_fd(), r2.as_raw_fd());
+    let flags = sys::ns::NEWPID | sys::ns::NEWNS;
+    let forked = sys::ns::clone3_fork(flags, &[1]).or_else(|_| sys::ns::clone3_fork(flags, &[]));
+    match forked.map_err(|e| Error::sys("clone3 into a new pid namespace", e))? {
+        sys::process::Fork::Child => {
+            let _ = sys::ns::make_mounts_private();
+            let l = sys::seccomp::install_listener_filter(filter).unwrap_or(-1);
+            sys::ns::raw_write(w1r, &l.to_ne_bytes());
+            let mut b = [0u8; 1];
+            loop {
+                if sys::ns::raw_read(r2r, &mut b) <= 0 {
+                    sys::process::exit_now(111);
+                }
+            }
+        }
+        sys::process::Fork::Parent(pid) => {
+            // The stub holds its own copy of the write end, so its read() never sees EOF.
+            drop((w1, r2, w2));
+            let pidfd = PidFd::open(pid).map_err(|e| Error::sys("pidfd_open", e))?;
+            let raw = read_i32(&r1)?;
+            if raw < 0 {
+                let _ = sys::process::kill(pid, libc::SIGKILL);
+                let _ = sys::process::wait_pid(pid);
+                return Err(Error::Restore(
+                    "the new process could not install the seccomp filter".into(),
+                ));
+            }
+            let fd = sys::guard_fd::pidfd_getfd(pidfd.as_fd(), raw)
+                .map_err(|e| Error::sys("pidfd_getfd of the listener", e))?;
+            Ok((pid, Listener::from_fd(fd)))
+        }
+    }
+}
+
+fn read_i32(fd: &std::os::fd::OwnedFd) -> Result<i32> {
+    use std::io::Read;
+    let mut f = std::fs::File::from(fd.try_clone().map_err(|e| Error::sys("dup", e))?);
+    let mut b = [0u8; 4];
+    f.read_exact(&mut b)
+        .map_err(|e| Error::sys("reading from the new process", e))?;
+    Ok(i32::from_ne_bytes(b))
+}
+
+fn free_gap(chain: &Chain, stub_maps: &[crate::model::Vma]) -> u64 {
+    let mut at = 0x10_0000u64;
+    loop {
+        let end = at + SCRATCH_LEN;
+        let clash = chain
+            .state
+            .vmas
+            .iter()
+            .chain(stub_maps)
+            .any(|v| v.start < end && at < v.end);
+        if !clash {
+            return at;
+        }
+        at += 0x10_0000;
+    }
+}
+
+fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog)> {
+    let st = &chain.state;
+    let t = ptrace::seize(
+        pid,
+        ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL | ptrace::O_SUSPEND_SECCOMP,
+    )
+    .map_err(|e| Error::sys("ptrace seize of the new process", e))?;
+    let t = t
+        .interrupt()
+        .map_err(|e| Error::sys("stopping the new process", e))?;
+    let insn = sys::remote_mem::find_syscall_insn(pid)
+        .map_err(|e| Error::sys("finding a syscall instruction", e))?;
+    let mem = MemFile::open(pid).map_err(|e| Error::sys("opening /proc/PID/mem", e))?;
+    let stub_maps =
+        crate::procfs::maps(pid).map_err(|e| Error::sys("reading the new process's maps", e))?;
+    let scratch = free_gap(chain, &stub_maps);
+    let mut d = Driver {
+        t,
+        pid,
+        insn,
+        mem,
+        scratch,
+    };
+
+    // The stub inherited the guard's rseq registration: drop it before its memory goes.
+    if let Some((p, l, s)) = d.t.rseq().map_err(|e| Error::sys("reading rseq", e))? {
+        d.sys(
+            "rseq unregister",
+            libc::SYS_rseq,
+            [p, u64::from(l), 1, u64::from(s), 0, 0],
+        )?;
+    }
+    let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+    let fl = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+    d.sys(
+        "mmap scratch page",
+        libc::SYS_mmap,
+        [scratch, SCRATCH_LEN, prot, fl, u64::MAX, 0],
+    )?;
+    d.mem
+        .write_all_at(scratch, &[0x0f, 0x05])
+        .map_err(|e| Error::sys("writing the scratch page", e))?;
+    d.insn = scratch;
+
+    // An empty process: no fds but stdio, no memory but the scratch page.
+    // Keep the fds the program inherited from its guard (the restorer's own, same numbers).
+    let stub_fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| Error::sys("listing the new process's fds", e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    for n in &stub_fds {
+        let inherited = st
+            .fds
+            .iter()
+            .any(|f| f.fd == *n && f.kind == FdKind::Inherited);
+        if !inherited {
+            d.sys("close", libc::SYS_close, [*n as u64, 0, 0, 0, 0, 0])?;
+        }
+    }
+    d.sys(
+        "munmap below scratch",
+        libc::SYS_munmap,
+        [0, scratch, 0, 0, 0, 0],
+    )?;
+    let hi = scratch + SCRATCH_LEN;
+    d.sys(
+        "munmap above scratch",
+        libc::SYS_munmap,
+        [hi, TASK_SIZE - hi, 0, 0, 0, 0],
+    )?;
+
+    // ARCH_MAP_VDSO_64 takes the start of the whole [vvar][vvar_vclock][vdso] block.
+    let vdso_block = st
+        .vmas
+        .iter()
+        .filter(|v| matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar))
+        .map(|v| v.start)
+        .min();
+    if let Some(at) = vdso_block {
+        d.sys(
+            "arch_prctl(ARCH_MAP_VDSO_64)",
+            libc::SYS_arch_prctl,
+            [ARCH_MAP_VDSO_64, at, 0, 0, 0, 0],
+        )?;
+        let now = crate::procfs::maps(pid).map_err(|e| Error::sys("reading maps", e))?;
+        let want: Vec<u64> = st
+            .vmas
+            .iter()
+            .filter(|v| v.kind == VmaKind::Vdso)
+            .map(|v| v.start)
+            .collect();
+        let got: Vec<u64> = now
+            .iter()
+            .filter(|v| v.kind == VmaKind::Vdso)
+            .map(|v| v.start)
+            .collect();
+        if want != got {
+            return Err(Error::Restore(format!(
+                "the vDSO landed at {got:x?}, the image needs {want:x?}: this kernel's vDSO layout differs (cross-kernel vDSO proxying is not implemented)"
+            )));
+        }
+    }
+    for v in &st.vmas {
+        let len = v.end - v.start;
+        let prot = u64::from(v.prot);
+        match &v.kind {
+            VmaKind::Anon | VmaKind::SharedAnon => {
+                let share = if v.kind == VmaKind::Anon {
+                    libc::MAP_PRIVATE
+                } else {
+                    libc::MAP_SHARED
+                };
+                let fl = (share | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
+                d.sys(
+                    &format!("mmap {:#x} {}", v.start, v.label),
+                    libc::SYS_mmap,
+                    [v.start, len, prot, fl, u64::MAX, 0],
+                )?;
+            }
+            VmaKind::PrivateFile { path, offset } | VmaKind::SharedFile { path, offset } => {
+                let shared = matches!(v.kind, VmaKind::SharedFile { .. });
+                let acc = if shared && v.prot & libc::PROT_WRITE as u32 != 0 {
+                    libc::O_RDWR
+                } else {
+                    libc::O_RDONLY
+                };
+                let pa = d.path(path)?;
+                let what = format!("open {path} to map it");
+                let fd = d.sys(
+                    &what,
+                    libc::SYS_openat,
+                    [
+                        libc::AT_FDCWD as u64,
+                        pa,
+                        (acc | libc::O_CLOEXEC) as u64,
+                        0,
+                        0,
+                        0,
+                    ],
+                )?;
+                let share = if shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+                let fl = (share | libc::MAP_FIXED) as u64;
+                d.sys(
+                    &format!("mmap {path} at {:#x}", v.start),
+                    libc::SYS_mmap,
+                    [v.start, len, prot, fl, fd, *offset],
+                )?;
+                d.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            }
+            VmaKind::Vdso | VmaKind::Vvar => {}
+        }
+    }
+    // Page contents, in runs (FOLL_FORCE writes reach read-only private pages too).
+    let mut run: Option<(u64, Vec<u8>)> = None;
+    let flush = |d: &mut Driver, r: (u64, Vec<u8>)| -> Result<()> {
+        d.mem
+            .write_all_at(r.0, &r.1)
+            .map_err(|e| Error::sys("filling memory", e))
+    };
+    for (a, p) in &chain.pages {
+        match &mut run {
+            Some((ra, rd)) if *ra + rd.len() as u64 == *a && rd.len() < (4 << 20) => {
+                rd.extend_from_slice(p)
+            }
+            _ => {
+                if let Some(r) = run.take() {
+                    flush(&mut d, r)?;
+                }
+                run = Some((*a, p.clone()));
+            }
+        }
+    }
+    if let Some(r) = run.take() {
+        flush(&mut d, r)?;
+    }
+    set_mm(&mut d, st)?;
+    let sockets = restore_fds(&mut d, &st.fds, &stub_fds)?;
+    let pa = d.path(&st.cwd)?;
+    d.sys(
+        &format!("chdir {}", st.cwd),
+        libc::SYS_chdir,
+        [pa, 0, 0, 0, 0, 0],
+    )?;
+    d.sys(
+        "umask",
+        libc::SYS_umask,
+        [u64::from(st.umask), 0, 0, 0, 0, 0],
+    )?;
+    restore_signals(&mut d, st)?;
+    let th = &st.threads[0];
+    if let Some((sp, flags, size)) = th.altstack {
+        let mut b = sp.to_le_bytes().to_vec();
+        b.extend_from_slice(&(flags as u64).to_le_bytes());
+        b.extend_from_slice(&size.to_le_bytes());
+        let a = d.data(&b)?;
+        d.sys("sigaltstack", libc::SYS_sigaltstack, [a, 0, 0, 0, 0, 0])?;
+    }
+    if let Some((p, l, s)) = th.rseq {
+        d.sys(
+            "rseq register",
+            libc::SYS_rseq,
+            [p, u64::from(l), 0, u64::from(s), 0, 0],
+        )?;
+    }
+    // Arm dirty tracking of the rebuilt memory: the next layer is incremental over this one.
+    let uffd = d.sys(
+        "userfaultfd",
+        libc::SYS_userfaultfd,
+        [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
+    )?;
+    let pidfd = PidFd::open(pid).map_err(|e| Error::sys("pidfd_open", e))?;
+    let ours = sys::guard_fd::pidfd_getfd(pidfd.as_fd(), uffd as i32)
+        .map_err(|e| Error::sys("pidfd_getfd", e))?;
+    d.sys("close", libc::SYS_close, [uffd, 0, 0, 0, 0, 0])?;
+    let tracker = WpTracker::new(ours).map_err(|e| Error::sys("UFFDIO_API", e))?;
+    let mut known = Vec::new();
+    for v in st.vmas.iter().filter(|v| crate::procfs::trackable(v)) {
+        let len = v.end - v.start;
+        if tracker
+            .register(v.start, len)
+            .and_then(|_| tracker.write_protect(v.start, len))
+            .is_ok()
+        {
+            known.push(v.clone());
+        }
+    }
+    // Leave through the program's own vDSO, then drop the scratch page.
+    d.insn = sys::remote_mem::find_syscall_insn(pid)
+        .map_err(|e| Error::sys("finding a syscall instruction in the restored vDSO", e))?;
+    d.sys(
+        "munmap scratch",
+        libc::SYS_munmap,
+        [scratch, SCRATCH_LEN, 0, 0, 0, 0],
+    )?;
+
+    let cur = d.t.regs().map_err(|e| Error::sys("reading registers", e))?;
+    let regs = words_to_regs(&th.regs, cur)?;
+    d.t.set_xstate(&th.xstate)
+        .map_err(|e| Error::sys("loading FPU state", e))?;
+    d.t.set_regs(&regs)
+        .map_err(|e| Error::sys("loading registers", e))?;
+    d.t.set_sigmask(th.sigmask)
+        .map_err(|e| Error::sys("loading the signal mask", e))?;
+    d.t.set_options(ptrace::O_TRACESYSGOOD)
+        .map_err(|e| Error::sys("re-enabling seccomp", e))?;
+    d.t.detach()
+        .map_err(|e| Error::sys("starting the restored program", e))?;
+    let inc = Incarnation::restored(pid, pidfd, tracker, known, st.mm.brk)?;
+    Ok((inc, sockets))
+}
+
+fn set_mm(d: &mut Driver, st: &ProcState) -> Result<()> {
+    let m = &st.mm;
+    let auxv: Vec<u8> = m.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let mut exe_fd = u32::MAX;
+    if !st.exe.is_empty() {
+        let pa = d.path(&st.exe)?;
+        if let Ok(fd) = d.sys(
+            "open exe",
+            libc::SYS_openat,
+            [
+                libc::AT_FDCWD as u64,
+                pa,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+                0,
+                0,
+                0,
+            ],
+        ) {
+            exe_fd = fd as u32;
+        }
+    }
+    let build = |exe: u32, auxv_at: u64| {
+        let mut b = Vec::with_capacity(104);
+        for w in [
+            m.start_code,
+            m.end_code,
+            m.start_data,
+            m.end_data,
+            m.start_brk,
+            m.brk,
+            m.start_stack,
+            m.arg_start,
+            m.arg_end,
+            m.env_start,
+            m.env_end,
+            auxv_at,
+        ] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        b.extend_from_slice(&(auxv.len() as u32).to_le_bytes());
+        b.extend_from_slice(&exe.to_le_bytes());
+        b
+    };
+    // Layout in scratch: [prctl_mm_map (104 bytes)][auxv].
+    let base = d.scratch + 64;
+    let mut bytes = build(exe_fd, base + 104);
+    bytes.extend_from_slice(&auxv);
+    d.data(&bytes)?;
+    let args = [
+        libc::PR_SET_MM as u64,
+        libc::PR_SET_MM_MAP as u64,
+        base,
+        104,
+        0,
+        0,
+    ];
+    let r = d.sys("prctl(PR_SET_MM_MAP)", libc::SYS_prctl, args);
+    if r.is_err() && exe_fd != u32::MAX {
+        // Some kernels refuse the exe link change; the layout (brk above all) is what matters.
+        tracing::warn!(target: "guard", "PR_SET_MM_MAP with the exe link failed; /proc/PID/exe will name the guard");
+        let mut bytes = build(u32::MAX, base + 104);
+        bytes.extend_from_slice(&auxv);
+        d.data(&bytes)?;
+        d.sys("prctl(PR_SET_MM_MAP)", libc::SYS_prctl, args)?;
+    } else {
+        r?;
+    }
+    if exe_fd != u32::MAX {
+        d.sys("close", libc::SYS_close, [u64::from(exe_fd), 0, 0, 0, 0, 0])?;
+    }
+    Ok(())
+}
+
+fn restore_fds(d: &mut Driver, fds: &[Fd], stub_fds: &[i32]) -> Result<SocketLog> {
+    let high = fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 1;
+    let cloexec = |f: &Fd| f.flags & libc::O_CLOEXEC != 0;
+    let nb = |f: &Fd| f.flags & libc::O_NONBLOCK != 0;
+    let mut done_pipes: Vec<u64> = Vec::new();
+    let mut socklog = SocketLog::default();
+    let mut sock_fds: Vec<(i32, i32, Vec<crate::model::SockOpt>)> = Vec::new();
+    for f in fds {
+        match &f.kind {
+            FdKind::Epoll { .. } => {}
+            FdKind::Inherited if stub_fds.contains(&f.fd) => {}
+            FdKind::Inherited => {
+                // The restorer does not have it (restored elsewhere): a harmless stand-in.
+                let pa = d.path("/dev/null")?;
+                let fd = d.sys(
+                    "open /dev/null",
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as u64, pa, libc::O_RDWR as u64, 0, 0, 0],
+                )?;
+                d.place(fd, f.fd, cloexec(f))?;
+            }
+            FdKind::File { path, pos, .. } => {
+                let pa = d.path(path)?;
+                let flags =
+                    f.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC);
+                let fd = d.sys(
+                    &format!("open {path}"),
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as u64, pa, flags as u64, 0, 0, 0],
+                )?;
+                d.place(fd, f.fd, cloexec(f))?;
+                if *pos > 0 {
+                    d.sys(
+                        &format!("lseek {path}"),
+                        libc::SYS_lseek,
+                        [f.fd as u64, *pos, libc::SEEK_SET as u64, 0, 0, 0],
+                    )?;
+                }
+            }
+            FdKind::Dir { path } => {
+                let pa = d.path(path)?;
+                let flags = (f.flags & !libc::O_CLOEXEC) | libc::O_DIRECTORY;
+                let fd = d.sys(
+                    &format!("open directory {path}"),
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as u64, pa, flags as u64, 0, 0, 0],
+                )?;
+                d.place(fd, f.fd, cloexec(f))?;
+            }
+            FdKind::Pipe { inode, .. } => {
+                if done_pipes.contains(inode) {
+                    continue;
+                }
+                done_pipes.push(*inode);
+                let ends: Vec<&Fd> = fds
+                    .iter()
+                    .filter(|g| matches!(g.kind, FdKind::Pipe { inode: i, .. } if i == *inode))
+                    .collect();
+                let a = d.data(&[0u8; 8])?;
+                let fl = if nb(f) { libc::O_NONBLOCK } else { 0 };
+                d.sys("pipe2", libc::SYS_pipe2, [a, fl as u64, 0, 0, 0, 0])?;
+                let mut b = [0u8; 8];
+                d.mem
+                    .read_exact_at(a, &mut b)
+                    .map_err(|e| Error::sys("reading pipe fds", e))?;
+                let r = u64::from(u32::from_le_bytes(b[..4].try_into().expect("4 bytes")));
+                let w = u64::from(u32::from_le_bytes(b[4..].try_into().expect("4 bytes")));
+                // Move both ends out of the way of the target numbers first.
+                let r2 = d.sys(
+                    "fcntl(F_DUPFD)",
+                    libc::SYS_fcntl,
+                    [r, libc::F_DUPFD as u64, high, 0, 0, 0],
+                )?;
+                let w2 = d.sys(
+                    "fcntl(F_DUPFD)",
+                    libc::SYS_fcntl,
+                    [w, libc::F_DUPFD as u64, high, 0, 0, 0],
+                )?;
+                d.sys("close", libc::SYS_close, [r, 0, 0, 0, 0, 0])?;
+                d.sys("close", libc::SYS_close, [w, 0, 0, 0, 0, 0])?;
+                for e in ends {
+                    let we = matches!(
+                        e.kind,
+                        FdKind::Pipe {
+                            write_end: true,
+                            ..
+                        }
+                    );
+                    let src = if we { w2 } else { r2 };
+                    d.sys(
+                        "dup3",
+                        libc::SYS_dup3,
+                        [
+                            src,
+                            e.fd as u64,
+                            if cloexec(e) {
+                                libc::O_CLOEXEC as u64
+                            } else {
+                                0
+                            },
+                            0,
+                            0,
+                            0,
+                        ],
+                    )?;
+                }
+                d.sys("close", libc::SYS_close, [r2, 0, 0, 0, 0, 0])?;
+                d.sys("close", libc::SYS_close, [w2, 0, 0, 0, 0, 0])?;
+            }
+            FdKind::TcpListen {
+                v6,
+                addr,
+                port,
+                backlog,
+                sockopts,
+            } => {
+                let fam = if *v6 { libc::AF_INET6 } else { libc::AF_INET };
+                let ty = libc::SOCK_STREAM | if nb(f) { libc::SOCK_NONBLOCK } else { 0 };
+                let s = d.sys(
+                    "socket",
+                    libc::SYS_socket,
+                    [fam as u64, ty as u64, 0, 0, 0, 0],
+                )?;
+                d.place(s, f.fd, cloexec(f))?;
+                let mut opts = vec![crate::model::SockOpt {
+                    level: libc::SOL_SOCKET,
+                    name: libc::SO_REUSEADDR,
+                    value: 1,
+                }];
+                opts.extend(sockopts.iter().cloned());
+                for o in &opts {
+                    let a = d.data(&o.value.to_le_bytes())?;
+                    d.sys(
+                        "setsockopt",
+                        libc::SYS_setsockopt,
+                        [f.fd as u64, o.level as u64, o.name as u64, a, 4, 0],
+                    )?;
+                }
+                let mut sa = Vec::new();
+                sa.extend_from_slice(&(fam as u16).to_le_bytes());
+                sa.extend_from_slice(&port.to_be_bytes());
+                if *v6 {
+                    sa.extend_from_slice(&[0u8; 4]);
+                    sa.extend_from_slice(addr);
+                    sa.extend_from_slice(&[0u8; 4]);
+                } else {
+                    sa.extend_from_slice(&addr[..4]);
+                    sa.extend_from_slice(&[0u8; 8]);
+                }
+                let a = d.data(&sa)?;
+                d.sys(
+                    &format!("bind to port {port}"),
+                    libc::SYS_bind,
+                    [f.fd as u64, a, sa.len() as u64, 0, 0, 0],
+                )?;
+                d.sys(
+                    "listen",
+                    libc::SYS_listen,
+                    [f.fd as u64, *backlog as u64, 0, 0, 0, 0],
+                )?;
+                sock_fds.push((f.fd, *backlog, sockopts.clone()));
+            }
+            FdKind::TcpOther { v6 } => {
+                let fam = if *v6 { libc::AF_INET6 } else { libc::AF_INET };
+                let s = d.sys(
+                    "socket",
+                    libc::SYS_socket,
+                    [fam as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0],
+                )?;
+                d.place(s, f.fd, cloexec(f))?;
+            }
+            FdKind::EventFd { count } => {
+                let fl = f.flags & libc::O_NONBLOCK;
+                let e = d.sys(
+                    "eventfd2",
+                    libc::SYS_eventfd2,
+                    [*count, fl as u64, 0, 0, 0, 0],
+                )?;
+                d.place(e, f.fd, cloexec(f))?;
+            }
+            FdKind::TimerFd {
+                clock,
+                value_ns,
+                interval_ns,
+            } => {
+                let fl = f.flags & libc::O_NONBLOCK;
+                let t = d.sys(
+                    "timerfd_create",
+                    libc::SYS_timerfd_create,
+                    [*clock as u64, fl as u64, 0, 0, 0, 0],
+                )?;
+                d.place(t, f.fd, cloexec(f))?;
+                if *value_ns > 0 {
+                    let mut b = Vec::new();
+                    for v in [
+                        interval_ns / 1_000_000_000,
+                        interval_ns % 1_000_000_000,
+                        value_ns / 1_000_000_000,
+                        value_ns % 1_000_000_000,
+                    ] {
+                        b.extend_from_slice(&v.to_le_bytes());
+                    }
+                    let a = d.data(&b)?;
+                    d.sys(
+                        "timerfd_settime",
+                        libc::SYS_timerfd_settime,
+                        [f.fd as u64, 0, a, 0, 0, 0],
+                    )?;
+                }
+            }
+            FdKind::SignalFd { mask } => {
+                let a = d.data(&mask.to_le_bytes())?;
+                let fl = f.flags & libc::O_NONBLOCK;
+                let s = d.sys(
+                    "signalfd4",
+                    libc::SYS_signalfd4,
+                    [u64::MAX, a, 8, fl as u64, 0, 0],
+                )?;
+                d.place(s, f.fd, cloexec(f))?;
+            }
+        }
+    }
+    for f in fds {
+        if let FdKind::Epoll { entries } = &f.kind {
+            let e = d.sys("epoll_create1", libc::SYS_epoll_create1, [0, 0, 0, 0, 0, 0])?;
+            d.place(e, f.fd, cloexec(f))?;
+            for (tfd, events, data) in entries {
+                let mut b = events.to_le_bytes().to_vec();
+                b.extend_from_slice(&data.to_le_bytes());
+                let a = d.data(&b)?;
+                d.sys(
+                    &format!("epoll_ctl add {tfd}"),
+                    libc::SYS_epoll_ctl,
+                    [
+                        f.fd as u64,
+                        libc::EPOLL_CTL_ADD as u64,
+                        *tfd as u64,
+                        a,
+                        0,
+                        0,
+                    ],
+                )?;
+            }
+        }
+    }
+    for n in 0..3 {
+        if !fds.iter().any(|f| f.fd == n) {
+            d.sys("close", libc::SYS_close, [n as u64, 0, 0, 0, 0, 0])?;
+        }
+    }
+    // Re-key socket facts by the new sockets' inodes, for the next checkpoints.
+    for (fd, backlog, opts) in sock_fds {
+        if let Ok(l) = std::fs::read_link(format!("/proc/{}/fd/{fd}", d.pid))
+            && let Some(ino) = l
+                .to_str()
+                .and_then(|s| s.strip_prefix("socket:["))
+                .and_then(|s| s.trim_end_matches(']').parse().ok())
+        {
+            socklog.backlog.insert(ino, backlog);
+            socklog.sockopts.insert(ino, opts);
+        }
+    }
+    Ok(socklog)
+}
+
+fn restore_signals(d: &mut Driver, st: &ProcState) -> Result<()> {
+    let handlers: BTreeMap<i32, crate::model::SigAction> = st.sigactions.iter().copied().collect();
+    for sig in 1..=64i32 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        let (h, fl, rs, mask) = match handlers.get(&sig) {
+            Some(a) => (a.handler, a.flags, a.restorer, a.mask),
+            None if st.ignored & (1u64 << (sig - 1)) != 0 => (1, 0, 0, 0),
+            None => (0, 0, 0, 0),
+        };
+        let mut b = Vec::with_capacity(32);
+        for w in [h, fl, rs, mask] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        let a = d.data(&b)?;
+        d.sys(
+            &format!("rt_sigaction({sig})"),
+            libc::SYS_rt_sigaction,
+            [sig as u64, a, 0, 8, 0, 0],
+        )?;
+    }
+    for t in &st.itimers {
+        let value = if t.interval_us > 0 {
+            t.interval_us
+        } else {
+            t.value_us
+        };
+        if value == 0 {
+            continue;
+        }
+        let mut b = Vec::new();
+        for v in [
+            t.interval_us / 1_000_000,
+            t.interval_us % 1_000_000,
+            value / 1_000_000,
+            value % 1_000_000,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        let a = d.data(&b)?;
+        d.sys(
+            "setitimer",
+            libc::SYS_setitimer,
+            [t.which as u64, a, 0, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}

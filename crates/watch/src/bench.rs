@@ -346,17 +346,17 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report, Ben
         let t = Instant::now();
         // One reader every 100 ms up to MIN_BLOCKED + 2 (the first waits in S, the rest in D).
         while t.elapsed() < Duration::from_secs(3) && pile_up.is_none() {
-            if hang.readers.len() < MIN_BLOCKED + 2 {
+            if hang.readers.len() < MIN_BLOCKED + 3 {
                 hang.add_reader().map_err(setup("a FUSE reader"))?;
             }
             let until = Instant::now() + Duration::from_millis(100);
             while Instant::now() < until {
-                let b = hang.blocked();
+                let (b, same) = hang.blocked();
                 let now = sys::clock::monotonic_ns();
                 if b >= 1 && first_d.is_none() {
                     first_d = Some(now);
                 }
-                if b >= MIN_BLOCKED && pile_up.is_none() {
+                if same >= MIN_BLOCKED && pile_up.is_none() {
                     pile_up = Some(now);
                     break;
                 }

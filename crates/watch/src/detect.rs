@@ -387,7 +387,8 @@ impl ForkStorm {
     fn pids_path(&self, rel: &str) -> Option<PathBuf> {
         Some(self.pids_root.as_ref()?.join(rel.trim_start_matches('/')))
     }
-    fn rescan_pids(&mut self) {
+    /// Re-lists the pids cgroups (on the tick, and when a new cgroup directory appears).
+    pub fn rescan_pids(&mut self) {
         let Some(root) = self.pids_root.clone() else {
             return;
         };

@@ -180,6 +180,7 @@ pub struct MemoryHog {
     pub cgroup: V1Cgroup,
     pub pid: Pid,
     pub started_ns: u64,
+    reaped: bool,
 }
 
 impl MemoryHog {
@@ -212,19 +213,34 @@ impl MemoryHog {
             cgroup: cg,
             pid,
             started_ns,
+            reaped: false,
         })
     }
 
-    /// The hog's exit status if it ended (e.g. OOM-killed), without blocking.
-    pub fn try_status(&self) -> Option<sys::process::ExitStatus> {
-        sys::process::try_wait_pid(self.pid).ok().flatten()
+    /// Waits up to `timeout` for the hog to end (e.g. OOM-killed) and reaps it.
+    pub fn wait(&mut self, timeout: Duration) -> Option<sys::process::ExitStatus> {
+        let t = Instant::now();
+        while !self.reaped {
+            if let Ok(Some(st)) = sys::process::try_wait_pid(self.pid) {
+                self.reaped = true;
+                return Some(st);
+            }
+            if t.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
     }
 }
 
 impl Drop for MemoryHog {
     fn drop(&mut self) {
         let _ = cgroup::kill(&self.cgroup.path, Duration::from_secs(3));
-        kill_and_reap(self.pid);
+        // Once reaped, the pid may belong to someone else: never signal it again.
+        if !self.reaped {
+            kill_and_reap(self.pid);
+        }
     }
 }
 
@@ -504,15 +520,36 @@ impl FuseHang {
         Ok(pid)
     }
 
-    /// Readers currently in D state.
-    pub fn blocked(&self) -> usize {
+    /// Readers now in D state: (all of them, the largest group blocked at one kernel wait point).
+    /// The first reader waits on the page it is reading, the later ones on that page's lock, so
+    /// the pile-up the monitor reports (one wait point) is the second number.
+    pub fn blocked(&self) -> (usize, usize) {
+        let mut groups: std::collections::HashMap<String, usize> = Default::default();
+        for p in &self.readers {
+            let d = std::fs::read(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|b| crate::tasks::parse_stat(&b).map(|s| s.state == b'D'))
+                .unwrap_or(false);
+            if d {
+                let w = std::fs::read_to_string(format!("/proc/{p}/wchan")).unwrap_or_default();
+                *groups.entry(w).or_default() += 1;
+            }
+        }
+        (
+            groups.values().sum(),
+            groups.values().copied().max().unwrap_or(0),
+        )
+    }
+
+    /// Readers that have ended (zombies, reaped on drop).
+    pub fn ended(&self) -> usize {
         self.readers
             .iter()
             .filter(|p| {
                 std::fs::read(format!("/proc/{p}/stat"))
                     .ok()
-                    .and_then(|b| crate::tasks::parse_stat(&b).map(|s| s.state == b'D'))
-                    .unwrap_or(false)
+                    .and_then(|b| crate::tasks::parse_stat(&b).map(|s| s.state == b'Z'))
+                    .unwrap_or(true)
             })
             .count()
     }

@@ -45,6 +45,9 @@ enum Command {
     /// Benchmarks: print a human table, or with --json the object the issue specifies.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// (internal) the exec'd child of `kintsugi bench rfork`'s fork+exec baseline.
+    #[command(name = "__bench-child", hide = true)]
+    BenchChild(bench::rfork::ChildArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Guard(a) => cmd::guard::run(a),
         Command::Restore(a) => cmd::restore::run(a),
         Command::Bench(b) => bench::run(b),
+        Command::BenchChild(a) => bench::rfork::child(a),
     };
     match result {
         Ok(code) => code,

@@ -10,6 +10,13 @@
 //!   and the standby runs: no fork on the restart path. The keeper forks the next standby right
 //!   after the release, off the critical path.
 //!
+//! On the kept-image path a worker's death must also not wait for the kernel to tear down its
+//! address space (milliseconds for hundreds of MB, all before the pidfd turns readable): each
+//! standby clones an *mm anchor* (`sys::process::spawn_mm_anchor`) that shares its address
+//! space, so the worker's exit only drops a reference. The keeper kills the anchor after the
+//! next generation runs, which is where the teardown then happens. This is the user-space
+//! counterpart of the paper's kernel rfork starting the kept image inside `do_exit`.
+//!
 //! The keeper exits when the worker is removed, when it gives up, when asked to shut down, or
 //! when the rfork caller dies (it watches the caller's pidfd; PR_SET_PDEATHSIG would fire on the
 //! death of the forking *thread*, not process). Workers and standbys carry PR_SET_PDEATHSIG =
@@ -54,6 +61,9 @@ pub(crate) struct Keeper {
     /// Backoff: the next generation starts at this time, after `pending` ended.
     restart_at: Option<(u64, Ending)>,
     shutting_down: bool,
+    /// Anchors of workers that have died: killed (and their address space freed) once the
+    /// next generation is running.
+    retired_anchors: Vec<PidFd>,
 }
 
 struct Running {
@@ -65,10 +75,14 @@ struct Running {
     kill_at: Option<u64>,
     heartbeat_seen: u64,
     heartbeat_deadline: u64,
+    /// The mm anchor keeping this worker's address space alive (kept-image design).
+    anchor: Option<PidFd>,
 }
 
 struct Standby {
     pidfd: PidFd,
+    /// Socket pair end: the standby writes its anchor's pid, the keeper writes the generation
+    /// that releases it.
     release: OwnedFd,
 }
 
@@ -107,6 +121,7 @@ impl Keeper {
             standby: None,
             restart_at: None,
             shutting_down: false,
+            retired_anchors: Vec::new(),
         }
     }
 
@@ -132,14 +147,22 @@ impl Keeper {
     /// In a child: drop every keeper resource (fds), park if a standby, and return the
     /// generation to run as.
     fn into_child(self, child: Child) -> Becomes {
-        let Keeper { shared, me, .. } = self;
-        // Everything else (events, control, pidfds, release pipes) was dropped with `self`.
+        // Shed every keeper fd *now*: a partially moved struct would only drop them at the end
+        // of this function, and a parked standby (and the mm anchor it clones, which copies
+        // its fd table) would then hold the event socket open forever.
+        let Keeper { shared, me, events, control, parent, worker, standby, retired_anchors, .. } = self;
+        drop((events, control, parent, worker, standby, retired_anchors));
         if process::set_parent_death_signal(libc::SIGKILL).is_err() || Pid::parent() != Some(me) {
             process::exit_now(0); // the keeper is already gone: nobody supervises us
         }
         let generation = match child {
             Child::Work(g) => g,
-            Child::Park(release) => park(&shared, release),
+            Child::Park(release) => {
+                // 0 tells the keeper there is no anchor (the restart then waits for teardown).
+                let anchor = process::spawn_mm_anchor().map_or(0, Pid::as_raw);
+                let _ = rustix::io::write(&release, &anchor.to_le_bytes());
+                park(&shared, release)
+            }
         };
         Becomes { shared, generation }
     }
@@ -170,11 +193,11 @@ impl Keeper {
             Some(sb) => self.release(sb, generation),
             None => None,
         };
-        let pidfd = match released {
-            Some(pidfd) => pidfd,
+        let (pidfd, anchor) = match released {
+            Some(r) => r,
             None => match self.fork_retrying()? {
                 Fork::Child => return Ok(Some(Child::Work(generation))),
-                Fork::Parent(pid) => PidFd::open(pid)?,
+                Fork::Parent(pid) => (PidFd::open(pid)?, None),
             },
         };
         self.generation = generation;
@@ -187,11 +210,14 @@ impl Keeper {
             kill_at: None,
             heartbeat_seen: 0,
             heartbeat_deadline: now + self.watchdog_ns(),
+            anchor,
         });
         match after {
             None => self.emit(EventKind::Started, Reason::None, pid),
             Some(ending) => {
-                tracing::info!(pid = pid.as_raw(), generation, reason = %ending, "rfork: worker restarted");
+                // debug, not info: a crash-looping child must not be able to flood the log; the
+                // parent gets every event and decides what to log.
+                tracing::debug!(pid = pid.as_raw(), generation, reason = %ending, "rfork: worker restarted");
                 self.emit(EventKind::Restarted, ending.into(), pid);
             }
         }
@@ -201,12 +227,23 @@ impl Keeper {
         Ok(None)
     }
 
-    /// Releases a parked standby as `generation`; None if it is gone (then we fork instead).
-    fn release(&mut self, sb: Standby, generation: u32) -> Option<PidFd> {
+    /// Releases a parked standby as `generation`, returning it and its mm anchor; None if it is
+    /// gone (then we fork instead).
+    fn release(&mut self, sb: Standby, generation: u32) -> Option<(PidFd, Option<PidFd>)> {
         self.shared.word(STANDBY_PARKED).store(0, Ordering::Release);
+        // The standby sends its anchor pid before it parks; this read only waits if the
+        // standby is released within microseconds of its fork.
+        let mut buf = [0u8; 4];
+        let anchor = match rustix::io::read(&sb.release, &mut buf) {
+            Ok(4) => Pid::from_raw(i32::from_le_bytes(buf)).and_then(|p| PidFd::open(p).ok()),
+            _ => None,
+        };
         match rustix::io::write(&sb.release, &generation.to_le_bytes()) {
-            Ok(4) => Some(sb.pidfd),
+            Ok(4) => Some((sb.pidfd, anchor)),
             _ => {
+                if let Some(a) = anchor {
+                    self.retired_anchors.push(a);
+                }
                 tracing::warn!(
                     pid = sb.pidfd.pid().as_raw(),
                     "rfork: standby vanished; forking instead"
@@ -219,7 +256,12 @@ impl Keeper {
     }
 
     fn prepare_standby(&mut self) -> io::Result<Option<Child>> {
-        let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let (wr, rd) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )?;
         match self.fork_retrying()? {
             Fork::Child => {
                 drop(wr);
@@ -260,6 +302,12 @@ impl Keeper {
 
     /// One round: timers, then wait for the worker, the control pipe, the parent or a timer.
     fn tick(&mut self) -> io::Result<Option<Child>> {
+        // The previous generation's address space is freed here, after its successor (and
+        // the next standby) exist: the teardown is off the restart path.
+        for a in self.retired_anchors.drain(..) {
+            let _ = a.send_signal(libc::SIGKILL);
+            let _ = a.wait();
+        }
         let now = monotonic_ns();
         let mut wake_at = u64::MAX;
         if let Some(w) = self.worker.as_mut() {
@@ -403,8 +451,11 @@ impl Keeper {
         let Some(status) = w.pidfd.try_wait()? else {
             return Ok(None);
         };
-        let w = self.worker.take().expect("checked above");
+        let mut w = self.worker.take().expect("checked above");
         let now = monotonic_ns();
+        if let Some(a) = w.anchor.take() {
+            self.retired_anchors.push(a);
+        }
         let pid = w.pidfd.pid();
         let requested = self
             .shared
@@ -458,13 +509,24 @@ impl Keeper {
     }
 
     fn kill_all(&mut self) {
-        for pidfd in [
-            self.worker.take().map(|w| w.pidfd),
-            self.standby.take().map(|s| s.pidfd),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        let (worker, anchor) = match self.worker.take() {
+            Some(w) => (Some(w.pidfd), w.anchor),
+            None => (None, None),
+        };
+        let retired = std::mem::take(&mut self.retired_anchors);
+        // A parked standby has already sent its anchor's pid; collect it without blocking.
+        let (standby, standby_anchor) = match self.standby.take() {
+            Some(sb) => {
+                let mut buf = [0u8; 4];
+                let anchor = match rustix::net::recv(&sb.release, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
+                    Ok((4, _)) => Pid::from_raw(i32::from_le_bytes(buf)).and_then(|p| PidFd::open(p).ok()),
+                    _ => None,
+                };
+                (Some(sb.pidfd), anchor)
+            }
+            None => (None, None),
+        };
+        for pidfd in [worker, anchor, standby, standby_anchor].into_iter().flatten().chain(retired) {
             let _ = pidfd.send_signal(libc::SIGKILL);
             let _ = pidfd.wait();
         }

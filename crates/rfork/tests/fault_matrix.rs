@@ -55,6 +55,7 @@ fn collect(mut s: Supervised) -> (Vec<(EventKind, Reason)>, Vec<Pid>, rfork::Out
     let outcome = s.wait().expect("wait");
     testkit::assert_all_gone(&pids, Duration::from_secs(5));
     testkit::assert_no_children(Duration::from_secs(5));
+    testkit::assert_no_orphans_of_this_exe(Duration::from_secs(5));
     (seen, pids, outcome)
 }
 
@@ -214,6 +215,7 @@ both_designs! {
         let first = s.next_event(Some(T)).expect("events").expect("started");
         drop(s);
         testkit::assert_all_gone(&[keeper, first.pid], Duration::from_secs(5));
+        testkit::assert_no_orphans_of_this_exe(Duration::from_secs(5));
     };
 }
 

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 pub mod rfork;
+pub mod stats;
 pub mod watch;
 
 #[derive(Debug, clap::Subcommand)]

@@ -1,14 +1,152 @@
-//! `kintsugi run`: supervise an external command.
+//! `kintsugi run`: supervise an external command (fork+exec restarts), like
+//! `systemd-run -p Restart=on-failure`. The supervision logic is `rfork::command`; this module
+//! turns flags into a validated policy and events into structured log lines.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rfork::command::{CommandError, RunConfig};
+use rfork::{Backoff, EventKind, Intensity, Policy, RestartOn};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Signals: SIGHUP restarts the child now; SIGTERM/SIGINT stop it (SIGTERM to its process group, \
+SIGKILL after --stop-timeout) and exit.
+Watchdog: the child gets NOTIFY_SOCKET and WATCHDOG_USEC (systemd's sd_notify protocol) and must \
+send WATCHDOG=1 at least every --watchdog period.
+Exit status: the last child's (128+N if killed by signal N); 127 command not found; 126 not \
+executable; 2 bad flags.")]
 pub struct Args {
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
-    pub command: Vec<String>,
+    /// When to restart: on-crash (signals, watchdog), on-failure (also non-zero exit),
+    /// always (also exit 0), on-request (only SIGHUP or the request exit code).
+    #[arg(long, default_value = "on-failure", value_parser = parse_restart)]
+    pub restart: RestartOn,
+    /// Give up after this many restarts within --within ("unlimited" for no limit).
+    #[arg(long, default_value = "5", value_parser = parse_max)]
+    pub max_restarts: u32,
+    /// The restart-intensity window, e.g. 10s, 500ms, 2min.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub within: Duration,
+    /// Kill and restart a child that sends no WATCHDOG=1 for this long.
+    #[arg(long, value_parser = parse_duration)]
+    pub watchdog: Option<Duration>,
+    /// First delay of exponential backoff between consecutive restarts (none by default).
+    #[arg(long, value_parser = parse_duration)]
+    pub backoff: Option<Duration>,
+    /// Cap of the backoff delay.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "backoff")]
+    pub backoff_max: Duration,
+    /// Grace between SIGTERM and SIGKILL when stopping or restarting on request.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub stop_timeout: Duration,
+    /// A child exiting with this status asks for a restart ("none" to disable).
+    #[arg(long, default_value = "75", value_parser = parse_request_code)]
+    pub request_exit_code: Option<i32>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
 }
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet built")
+fn parse_restart(s: &str) -> Result<RestartOn, String> {
+    RestartOn::parse(s).ok_or_else(|| format!("unknown policy {s:?}: use on-crash, on-failure, always or on-request"))
+}
+
+fn parse_max(s: &str) -> Result<u32, String> {
+    if s == "unlimited" {
+        return Ok(u32::MAX);
+    }
+    match s.parse::<u32>() {
+        Ok(0) => Err("0 restarts would never restart: use --restart on-request, or at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a count (or \"unlimited\")")),
+    }
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 10s, 500ms or 2min: {e}"))
+}
+
+fn parse_request_code(s: &str) -> Result<Option<i32>, String> {
+    if s == "none" {
+        return Ok(None);
+    }
+    match s.parse::<i32>() {
+        Ok(0) => Err("exit status 0 means success; it cannot also mean \"restart me\"".into()),
+        Ok(n @ 1..=255) => Ok(Some(n)),
+        _ => Err(format!("{s:?} is not an exit status from 1 to 255 (or \"none\")")),
+    }
+}
+
+/// Cross-flag checks clap cannot express.
+fn config(a: &Args) -> anyhow::Result<RunConfig> {
+    if a.within.is_zero() && a.max_restarts != u32::MAX {
+        bail!("--within 0 makes the restart limit meaningless: give a window such as 10s");
+    }
+    if let Some(w) = a.watchdog {
+        if w < Duration::from_millis(1) {
+            bail!("--watchdog {w:?} is shorter than 1ms: no program could keep up");
+        }
+    }
+    let backoff = match a.backoff {
+        Some(b) if b > a.backoff_max => {
+            bail!("--backoff {b:?} is longer than --backoff-max {:?}", a.backoff_max)
+        }
+        Some(initial) => Some(Backoff { initial, max: a.backoff_max, factor: 2 }),
+        None => None,
+    };
+    let intensity = if a.max_restarts == u32::MAX {
+        Intensity::UNLIMITED
+    } else {
+        Intensity { max_restarts: a.max_restarts, within: a.within }
+    };
+    Ok(RunConfig {
+        policy: Policy { restart: a.restart, intensity, backoff },
+        watchdog: a.watchdog,
+        stop_timeout: a.stop_timeout,
+        request_exit_code: a.request_exit_code,
+    })
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let cfg = config(&a)?;
+    let (program, args) = a.command.split_first().context("no command given after --")?;
+    let outcome = rfork::command::supervise(program, args, &cfg, |ev| {
+        let pid = ev.pid.as_raw();
+        let reason = ev.reason.to_string();
+        match ev.kind {
+            EventKind::Started => tracing::info!(event = "started", pid, generation = ev.generation, "child started"),
+            EventKind::Restarted => tracing::warn!(
+                event = "restarted",
+                pid,
+                generation = ev.generation,
+                reason,
+                restarts_in_window = ev.restarts_in_window,
+                "child restarted"
+            ),
+            EventKind::Removed => tracing::info!(event = "removed", pid, generation = ev.generation, reason, "child ended; not restarting"),
+            EventKind::GaveUp => tracing::error!(
+                event = "gave_up",
+                pid,
+                generation = ev.generation,
+                reason,
+                restarts_in_window = ev.restarts_in_window,
+                "restarting too often; giving up"
+            ),
+            EventKind::StandbyReady => {}
+        }
+    });
+    match outcome {
+        Ok(o) => Ok(ExitCode::from(o.exit_code().clamp(0, 255) as u8)),
+        Err(e @ CommandError::NotFound(_)) => {
+            eprintln!("kintsugi: {e}");
+            Ok(ExitCode::from(127))
+        }
+        Err(e @ CommandError::NotExecutable(_)) => {
+            eprintln!("kintsugi: {e}");
+            Ok(ExitCode::from(126))
+        }
+        Err(e) => Err(e).context("kintsugi run"),
+    }
 }

@@ -352,11 +352,16 @@ impl Guard {
             match self.epoch() {
                 Ok(()) => {}
                 Err(e) if e.program_gone() => {
-                    // Killed while we had it stopped: its wait status went to ptrace.
-                    if let Some(code) = self.on_exit(Some(ExitStatus::Signaled {
-                        signal: libc::SIGKILL,
-                        core: false,
-                    }))? {
+                    // It ended while we stopped it: the status went to ptrace's wait, or is
+                    // still waiting for us as a zombie.
+                    let st = e
+                        .ended_status()
+                        .or_else(|| self.inc.pidfd.try_wait().ok().flatten())
+                        .unwrap_or(ExitStatus::Signaled {
+                            signal: libc::SIGKILL,
+                            core: false,
+                        });
+                    if let Some(code) = self.on_exit(Some(st))? {
                         return Ok(code);
                     }
                     next = Instant::now() + self.opts.epoch;

@@ -46,9 +46,17 @@ impl Error {
             source,
         }
     }
-    /// Whether the error means the program died under us (killed during a checkpoint).
+    /// Whether the error means the program died under us (during a checkpoint).
     pub fn program_gone(&self) -> bool {
-        matches!(self, Error::Sys { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
+        matches!(self, Error::Sys { source, .. }
+            if source.raw_os_error() == Some(libc::ESRCH) || sys::ptrace::ended(source).is_some())
+    }
+    /// How the program ended, when the error carries its wait status.
+    pub fn ended_status(&self) -> Option<sys::process::ExitStatus> {
+        match self {
+            Error::Sys { source, .. } => sys::ptrace::ended(source),
+            _ => None,
+        }
     }
 }
 

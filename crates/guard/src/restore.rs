@@ -738,7 +738,14 @@ fn restore_fds(d: &mut Driver, fds: &[Fd], stub_fds: &[i32]) -> Result<SocketLog
                     [*clock as u64, fl as u64, 0, 0, 0, 0],
                 )?;
                 d.place(t, f.fd, cloexec(f))?;
-                if *value_ns > 0 {
+                // A periodic timerfd that expired is re-armed only when read: /proc shows
+                // it_value 0 then. Expire it at once; the program reads the pending tick.
+                let value_ns = if *value_ns == 0 && *interval_ns > 0 {
+                    1
+                } else {
+                    *value_ns
+                };
+                if value_ns > 0 {
                     let mut b = Vec::new();
                     for v in [
                         interval_ns / 1_000_000_000,

@@ -44,10 +44,36 @@ pub struct Tracee<S> {
     _s: PhantomData<S>,
 }
 
-/// The tracee ended while we waited on it: its wait status is consumed, so say ESRCH (the
-/// same error ptrace itself gives for a dead task); the caller treats the program as killed.
-fn gone(_pid: Pid, _status: i32) -> io::Error {
-    io::Error::from_raw_os_error(libc::ESRCH)
+/// The tracee ended while we waited on it (its wait status is consumed by that wait).
+#[derive(Debug, Clone, Copy)]
+pub struct TraceeEnded {
+    pub pid: Pid,
+    /// How it ended.
+    pub status: crate::process::ExitStatus,
+}
+
+impl std::fmt::Display for TraceeEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "traced process {} ended ({}) while stopped",
+            self.pid, self.status
+        )
+    }
+}
+
+impl std::error::Error for TraceeEnded {}
+
+/// If `e` says the tracee ended under us, how it ended.
+pub fn ended(e: &io::Error) -> Option<crate::process::ExitStatus> {
+    e.get_ref()?.downcast_ref::<TraceeEnded>().map(|t| t.status)
+}
+
+fn gone(pid: Pid, status: i32) -> io::Error {
+    match crate::process::ExitStatus::from_wait_status(status) {
+        Some(status) => io::Error::other(TraceeEnded { pid, status }),
+        None => io::Error::from_raw_os_error(libc::ESRCH),
+    }
 }
 
 fn ptrace(req: libc::c_uint, pid: Pid, addr: usize, data: usize) -> io::Result<libc::c_long> {

@@ -1,0 +1,330 @@
+//! zdtm-style tests of `kintsugi guard` / `kintsugi restore` with the real binary and real
+//! seccomp, ptrace and userfaultfd. Each test program (C, in crates/guard/tests/progs,
+//! compiled with `cc` at test time) checks its own invariants and prints PASS. Every case
+//! runs under the guard for at least 4 checkpoint layers, is SIGKILLed, restored, and must
+//! print PASS; then again with the guard killed too and `kintsugi restore DIR` rebuilding it.
+//! Needs root (ptrace of a child in a new pid namespace, PTRACE_O_SUSPEND_SECCOMP).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const KINTSUGI: &str = env!("CARGO_BIN_EXE_kintsugi");
+
+fn work_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("kintsugi-guard-zdtm-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+}
+
+/// Compiles a test program once per test process.
+fn prog(name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../guard/tests/progs/{name}.c"));
+    let out = work_dir().join(name);
+    if !out.exists() {
+        let tmp = work_dir().join(format!(
+            "{name}.{}.tmp",
+            std::thread::current().name().unwrap_or("t").len()
+        ));
+        let st = Command::new("cc")
+            .args(["-O1", "-o"])
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .expect("cc (package gcc) must be installed");
+        assert!(st.success(), "compiling {}", src.display());
+        std::fs::rename(&tmp, &out).unwrap();
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Crash {
+    /// SIGKILL the program; the guard restores it.
+    App,
+    /// SIGKILL the guard and the program; `kintsugi restore` rebuilds it.
+    Both,
+}
+
+fn status(dir: &Path) -> Option<serde_json::Value> {
+    let b = std::fs::read(dir.join("status.json")).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+fn kill(pid: i64) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// Waits for `child` with a deadline; kills it (by pid) if it overruns.
+fn wait_deadline(child: &mut Child, secs: u64) -> i32 {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pid {} did not finish within {secs} s", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_all(child: &mut Child) -> String {
+    let mut s = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Runs one case; `during` runs while the program is guarded (e.g. a TCP client) and again
+/// after the restore.
+fn case(name: &str, args: &[&str], crash: Crash, during: Option<&(dyn Fn() -> bool + Sync)>) {
+    let bin = prog(name);
+    let dir = work_dir().join(format!("img-{name}-{crash:?}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut guard = Command::new(KINTSUGI)
+        .args(["guard", "--epoch", "20ms", "--images"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&bin)
+        .args(args)
+        .current_dir(work_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    // At least 4 layers (the first full, then incrementals) before the crash.
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(s) = status(&dir)
+            && s["layers_written"].as_u64().unwrap_or(0) >= 4
+        {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{name}: no 4 layers within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(st["restorable"], true, "{name}: {st}");
+    if let Some(f) = during {
+        assert!(f(), "{name}: the program did not serve before the crash");
+    }
+    let app = st["app_pid"].as_i64().unwrap();
+    match crash {
+        Crash::App => {
+            kill(app);
+            // The guard notices, restores, and keeps guarding.
+            let t1 = Instant::now();
+            while status(&dir).map(|s| s["restores"].as_u64() == Some(1)) != Some(true) {
+                assert!(t1.elapsed() < Duration::from_secs(10), "{name}: no restore");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Some(f) = during {
+                assert!(f(), "{name}: the restored program did not serve");
+            }
+            let code = wait_deadline(&mut guard, 60);
+            let out = read_all(&mut guard);
+            assert!(
+                out.contains("PASS"),
+                "{name}: no PASS after restore, exit {code}, output:\n{out}"
+            );
+            assert_eq!(code, 0, "{name}");
+            let s = status(&dir).unwrap();
+            assert_ne!(
+                s["app_pid"].as_i64().unwrap(),
+                app,
+                "{name}: a new process runs it"
+            );
+        }
+        Crash::Both => {
+            kill(guard.id() as i64);
+            kill(app);
+            let _ = guard.wait();
+            let before = read_all(&mut guard);
+            assert!(
+                !before.contains("PASS"),
+                "{name}: finished before the crash"
+            );
+            let mut restore = Command::new(KINTSUGI)
+                .args(["restore", "--epoch", "20ms"])
+                .arg(&dir)
+                .current_dir(work_dir())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            if let Some(f) = during {
+                let t1 = Instant::now();
+                while !f() {
+                    assert!(
+                        t1.elapsed() < Duration::from_secs(10),
+                        "{name}: the restored program did not serve"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            let code = wait_deadline(&mut restore, 60);
+            let out = read_all(&mut restore);
+            assert!(
+                out.contains("PASS"),
+                "{name}: no PASS after restore from disk, exit {code}, output:\n{out}"
+            );
+            assert_eq!(code, 0, "{name}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const N: &str = "150";
+
+#[test]
+fn counter_in_anon_memory() {
+    case("counter", &[N], Crash::App, None);
+    case("counter", &[N], Crash::Both, None);
+}
+
+#[test]
+fn big_sparse_anon_mapping() {
+    case("sparse", &[N], Crash::App, None);
+    case("sparse", &[N], Crash::Both, None);
+}
+
+#[test]
+fn file_written_and_read_at_offsets() {
+    let f = work_dir().join("fileoff.dat");
+    case("fileoff", &[N, f.to_str().unwrap()], Crash::App, None);
+    case("fileoff", &[N, f.to_str().unwrap()], Crash::Both, None);
+}
+
+#[test]
+fn append_only_log_file() {
+    let f = work_dir().join("append.log");
+    case("appendlog", &[N, f.to_str().unwrap()], Crash::App, None);
+    case("appendlog", &[N, f.to_str().unwrap()], Crash::Both, None);
+}
+
+#[test]
+fn timers_and_signal_handler() {
+    case("timer", &[N], Crash::App, None);
+    case("timer", &[N], Crash::Both, None);
+}
+
+#[test]
+fn epoll_loop_over_timerfd_eventfd_pipe() {
+    case("epoll", &[N], Crash::App, None);
+    case("epoll", &[N], Crash::Both, None);
+}
+
+#[test]
+fn listening_tcp_socket_accepts_after_restore() {
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    let ping = move || {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(
+            &([127, 0, 0, 1], port).into(),
+            Duration::from_millis(500),
+        ) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(b"ping\n");
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r);
+        r.starts_with("pong")
+    };
+    let p = port.to_string();
+    case("tcplisten", &["250", &p], Crash::App, Some(&ping));
+    case("tcplisten", &["250", &p], Crash::Both, Some(&ping));
+}
+
+#[test]
+fn refuses_io_uring_and_reports_it_in_status() {
+    let bin = prog("refuse");
+    let dir = work_dir().join("img-refuse");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(KINTSUGI)
+        .args(["guard", "--epoch", "20ms", "--images"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&bin)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("io_uring_setup refused errno 38"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("PASS"), "{stdout}");
+    let st = Command::new(KINTSUGI)
+        .args(["guard", "--status", "--images"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        text.contains("restorable     NO") && text.contains("io_uring"),
+        "{text}"
+    );
+    assert!(text.contains("/dev/"), "device refusal named: {text}");
+    assert_eq!(st.status.code(), Some(1));
+    // Restoring a non-restorable image is refused up front.
+    let r = Command::new(KINTSUGI)
+        .arg("restore")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_ne!(r.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("not restorable"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn corrupt_image_is_rejected_naming_the_record() {
+    let bin = prog("counter");
+    let dir = work_dir().join("img-corrupt");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut g = Command::new(KINTSUGI)
+        .args(["guard", "--epoch", "20ms", "--images"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&bin)
+        .arg("60")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(wait_deadline(&mut g, 30), 0);
+    let mut layers: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "img"))
+        .collect();
+    layers.sort();
+    let top = layers.last().unwrap().clone();
+    let mut b = std::fs::read(&top).unwrap();
+    let n = b.len();
+    b[n - 40] ^= 0xff;
+    std::fs::write(&top, &b).unwrap();
+    let r = Command::new(KINTSUGI)
+        .arg("restore")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_ne!(r.status.code(), Some(0));
+    assert!(
+        err.contains("record")
+            && err.contains("checksum")
+            && err.contains(top.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

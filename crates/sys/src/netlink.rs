@@ -53,9 +53,9 @@ pub struct ProcConnector {
 impl ProcConnector {
     /// Opens the socket, sets a receive buffer of `rcvbuf` bytes (forced past `rmem_max` when
     /// CAP_NET_ADMIN allows, since a burst of forks must not overflow it), and subscribes to
-    /// fork, exec and exit events only (kernels ≥ 6.6 filter the rest in the kernel; older
-    /// ones send everything and [`ProcEvent::Other`] absorbs it).
-    pub fn open(rcvbuf: usize) -> io::Result<ProcConnector> {
+    /// fork and exit events, plus exec when `exec` is set (kernels ≥ 6.6 filter the rest in the
+    /// kernel; older ones send everything and [`ProcEvent::Other`] absorbs it).
+    pub fn open(rcvbuf: usize, exec: bool) -> io::Result<ProcConnector> {
         let fd = rustix::net::socket_with(
             AddressFamily::NETLINK,
             SocketType::DGRAM,
@@ -67,9 +67,10 @@ impl ProcConnector {
         }
         rustix::net::bind(&fd, &SocketAddrNetlink::new(0, CN_IDX_PROC))?;
         let pc = ProcConnector { fd };
+        let exec = if exec { PROC_EVENT_EXEC } else { 0 };
         pc.control(
             PROC_CN_MCAST_LISTEN,
-            PROC_EVENT_FORK | PROC_EVENT_EXEC | PROC_EVENT_EXIT,
+            PROC_EVENT_FORK | PROC_EVENT_EXIT | exec,
         )?;
         Ok(pc)
     }
@@ -196,7 +197,8 @@ mod tests {
 
     #[test]
     fn live_socket_sees_our_own_fork() {
-        let pc = ProcConnector::open(1 << 20).expect("proc connector (needs root: CAP_NET_ADMIN)");
+        let pc = ProcConnector::open(1 << 20, false)
+            .expect("proc connector (needs root: CAP_NET_ADMIN)");
         let child = std::process::Command::new("true")
             .spawn()
             .expect("spawn true");

@@ -182,6 +182,10 @@ impl Detector for HungTasks {
                 }
                 *e = (now, t.pcount, t.comm.clone(), t.wchan.clone(), false);
             }
+            if !e.4 && now.duration_since(e.0) < self.threshold {
+                // Sweep again exactly when this task would cross the threshold.
+                out.sweep_at(e.0 + self.threshold);
+            }
             if !e.4 && now.duration_since(e.0) >= self.threshold {
                 e.4 = true;
                 out.detections.push(
@@ -243,7 +247,7 @@ impl Detector for HungTasks {
 // ---------------------------------------------------------------------------------------------
 
 /// A driver that stopped answering: more and more tasks stuck in D state at one kernel wait
-/// point (grouped by wchan). A group reaching `min_blocked` gets a confirming sweep 200 ms later,
+/// point (grouped by wchan). A group reaching `min_blocked` gets a confirming sweep 100 ms later,
 /// and is reported when at least `min_blocked` of its tasks stayed stuck (not scheduled) across
 /// the two sweeps. A PSI io stall event triggers an immediate sweep.
 #[derive(Debug)]
@@ -294,6 +298,11 @@ impl Detector for BlockedGrowth {
             }
         }
         self.blocked_now = s.dstate.len();
+        if !s.dstate.is_empty() {
+            // While anything sits in D state, look four times as often: a pile-up grows from
+            // one blocked task, and its growth is what this detector reports.
+            out.sweep_at(now + Duration::from_millis(250));
+        }
         for (wchan, (total, stuck, tids)) in &groups {
             let before = self.prev_groups.get(wchan).copied().unwrap_or(0);
             if *stuck >= self.min_blocked {
@@ -316,7 +325,7 @@ impl Detector for BlockedGrowth {
                     self.active.insert(wchan.clone(), *total);
                 }
             } else if *total >= self.min_blocked {
-                out.sweep_at(now + Duration::from_millis(200));
+                out.sweep_at(now + Duration::from_millis(100));
             }
         }
         let mut gone = Vec::new();

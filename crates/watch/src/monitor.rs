@@ -158,7 +158,7 @@ impl Monitor {
                     .push(format!("kmsg: {e} (needs read access to /dev/kmsg)")),
             }
         }
-        match ProcConnector::open(8 << 20) {
+        match ProcConnector::open(8 << 20, false) {
             Ok(p) => {
                 m.add(&p, TOKEN_PROC, epoll::EventFlags::IN);
                 m.proc = Some(p);

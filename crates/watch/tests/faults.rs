@@ -280,7 +280,11 @@ fn unanswering_fuse_daemon_piles_up_readers_and_is_detected_and_restarted() {
     // daemon aborts the connection, which releases every blocked reader. (Not on the pile-up
     // itself, so that both detections are observed.)
     let mut hook = action(FaultKind::HungTask, ActionKind::Hook);
-    hook.command = vec!["/bin/kill".into(), "-9".into(), hang.daemon.to_string()];
+    hook.command = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("kill -9 {}", hang.daemon),
+    ];
     cfg.action.push(hook);
     let mut h = Harness::start(cfg);
     let mut first_d = None;

@@ -73,11 +73,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let json = args.json;
     let metrics_path = args.metrics.clone();
     monitor.run(&stop, &opts, &mut |ev| {
-        if json {
-            println!("{}", ev.to_json());
-        } else {
-            println!("{}", human(ev));
-        }
+        // Counters first, so a reader that sees an event line also finds it counted.
         let before = metrics.clone();
         metrics.count(ev);
         if let Some(p) = &metrics_path
@@ -87,6 +83,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         {
             metrics_error = true;
             tracing::warn!(path = %p.display(), error = %e, "cannot write the metrics file");
+        }
+        if json {
+            println!("{}", ev.to_json());
+        } else {
+            println!("{}", human(ev));
         }
     })?;
     Ok(ExitCode::SUCCESS)

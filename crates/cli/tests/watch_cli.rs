@@ -1,0 +1,187 @@
+//! `kintsugi watch` through the real binary: the health table, config errors, and the JSON
+//! event stream reporting a real fork bomb and the kill of its cgroup. Needs root.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kintsugi"))
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(watch::faults::unique(name))
+}
+
+/// Kills the monitor on drop, so a failing assertion leaves nothing running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn lines(child: &mut Child) -> Receiver<serde_json::Value> {
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let v: serde_json::Value =
+                serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"));
+            if tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn once_prints_every_check() {
+    let out = bin()
+        .args(["watch", "--once"])
+        .output()
+        .expect("run kintsugi");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{out:?}");
+    for check in [
+        "hung tasks",
+        "blocked on driver",
+        "fork storm",
+        "memory",
+        "heartbeats",
+        "kernel log",
+    ] {
+        assert!(text.contains(check), "missing {check:?} in:\n{text}");
+    }
+    let out = bin()
+        .args(["watch", "--once", "--json"])
+        .output()
+        .expect("run kintsugi");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON array");
+    assert_eq!(v.as_array().map(|a| a.len()), Some(6), "{v}");
+}
+
+#[test]
+fn bad_config_is_refused_with_the_key_and_the_file() {
+    let cfg = tmp("kintsugi-watch-bad.toml");
+    std::fs::write(&cfg, "[fork]\nmax_per_second = 3\n").unwrap();
+    let out = bin()
+        .args(["watch", "--once", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let _ = std::fs::remove_file(&cfg);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("max_per_second") && err.contains(&*cfg.to_string_lossy()),
+        "{err}"
+    );
+    let out = bin()
+        .args(["watch", "--config", "/nonexistent/watch.toml"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.contains("/nonexistent/watch.toml") && err.contains("--config"),
+        "{err}"
+    );
+}
+
+#[test]
+fn printed_config_is_a_valid_config() {
+    let out = bin()
+        .args(["watch", "--print-config"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let cfg = tmp("kintsugi-watch-printed.toml");
+    std::fs::write(&cfg, &out.stdout).unwrap();
+    let again = bin()
+        .args(["watch", "--print-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&cfg);
+    assert_eq!(out.stdout, again.stdout);
+}
+
+#[test]
+fn json_stream_reports_a_fork_bomb_and_the_kill_of_its_cgroup() {
+    let cfg = tmp("kintsugi-watch-cli.toml");
+    let metrics = tmp("kintsugi-watch-cli.prom");
+    std::fs::write(
+        &cfg,
+        "[[action]]\non = [\"fork_storm\"]\nkind = \"kill_cgroup\"\nallow = [\"/kintsugi-watch-bomb-*\"]\n",
+    )
+    .unwrap();
+    let child = bin()
+        .args(["watch", "--json", "--duration", "30", "--config"])
+        .arg(&cfg)
+        .arg("--metrics")
+        .arg(&metrics)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn kintsugi watch");
+    let mut mon = Running(child);
+    let rx = lines(&mut mon.0);
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("started line");
+    assert_eq!(first["type"], "started", "{first}");
+    assert_eq!(
+        first["degraded"],
+        serde_json::json!([]),
+        "run as root: {first}"
+    );
+
+    let bomb = watch::faults::ForkBomb::start(64, Duration::from_secs(20)).expect("fork bomb");
+    let path = bomb.cgroup.path.to_string_lossy().to_string();
+    let (mut detected, mut killed) = (false, false);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !(detected && killed) {
+        let left = end
+            .checked_duration_since(Instant::now())
+            .expect("detection and kill in time");
+        let v = rx.recv_timeout(left).expect("more events");
+        match v["type"].as_str() {
+            Some("detection") if v["fault"] == "fork_storm" && v["cgroup"] == path => {
+                detected = true
+            }
+            Some("action") if v["action"] == "kill_cgroup" && v["target"] == path => {
+                assert_eq!(v["ok"], true, "{v}");
+                killed = true;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(bomb.current(), 0, "the bomb's cgroup is empty");
+    let prom = std::fs::read_to_string(&metrics).expect("metrics file");
+    assert!(!prom.contains("fault=\"fork_storm\"} 0"), "{prom}");
+    assert!(
+        prom.contains("action=\"kill_cgroup\",ok=\"true\"}"),
+        "{prom}"
+    );
+
+    // SIGTERM stops it promptly and cleanly.
+    sys::process::kill(sys::Pid::from_raw(mon.0.id() as i32).unwrap(), 15).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = mon.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "no exit 3 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_file(&cfg);
+    let _ = std::fs::remove_file(&metrics);
+}

@@ -37,7 +37,7 @@ use sys::shm::SharedAtomics;
 
 use crate::event::{Event, EventKind, Reason};
 use crate::policy::{Decision, Ending, Governor};
-use crate::worker::{GENERATION, HEARTBEAT, RESTART_REQUESTED, STANDBY_PARKED};
+use crate::worker::{GENERATION, HEARTBEAT, KEEPER_IDLE, RESTART_REQUESTED, STANDBY_PARKED};
 use crate::{Config, Design};
 
 /// Exit status of a keeper that failed internally (fork impossible, …) after reporting it.
@@ -64,6 +64,9 @@ pub(crate) struct Keeper {
     /// Anchors of workers that have died: killed (and their address space freed) once the
     /// next generation is running.
     retired_anchors: Vec<PidFd>,
+    /// Anchors already SIGKILLed whose teardown is still running; reaped when their pidfd
+    /// turns readable, so the keeper never blocks on a teardown.
+    dying_anchors: Vec<PidFd>,
 }
 
 struct Running {
@@ -122,6 +125,7 @@ impl Keeper {
             restart_at: None,
             shutting_down: false,
             retired_anchors: Vec::new(),
+            dying_anchors: Vec::new(),
         }
     }
 
@@ -150,8 +154,27 @@ impl Keeper {
         // Shed every keeper fd *now*: a partially moved struct would only drop them at the end
         // of this function, and a parked standby (and the mm anchor it clones, which copies
         // its fd table) would then hold the event socket open forever.
-        let Keeper { shared, me, events, control, parent, worker, standby, retired_anchors, .. } = self;
-        drop((events, control, parent, worker, standby, retired_anchors));
+        let Keeper {
+            shared,
+            me,
+            events,
+            control,
+            parent,
+            worker,
+            standby,
+            retired_anchors,
+            dying_anchors,
+            ..
+        } = self;
+        drop((
+            events,
+            control,
+            parent,
+            worker,
+            standby,
+            retired_anchors,
+            dying_anchors,
+        ));
         if process::set_parent_death_signal(libc::SIGKILL).is_err() || Pid::parent() != Some(me) {
             process::exit_now(0); // the keeper is already gone: nobody supervises us
         }
@@ -306,7 +329,7 @@ impl Keeper {
         // the next standby) exist: the teardown is off the restart path.
         for a in self.retired_anchors.drain(..) {
             let _ = a.send_signal(libc::SIGKILL);
-            let _ = a.wait();
+            self.dying_anchors.push(a);
         }
         let now = monotonic_ns();
         let mut wake_at = u64::MAX;
@@ -362,7 +385,7 @@ impl Keeper {
                 tv_nsec: (ns % 1_000_000_000) as i64,
             }
         });
-        let (worker_ready, control_ready, parent_gone) = {
+        let (worker_ready, control_ready, parent_gone, anchors_done) = {
             let mut fds = Vec::with_capacity(3);
             let wi = self.worker.as_ref().map(|w| {
                 fds.push(PollFd::new(&w.pidfd, PollFlags::IN));
@@ -376,13 +399,29 @@ impl Keeper {
                 fds.push(PollFd::new(p, PollFlags::IN));
                 fds.len() - 1
             });
+            let first_anchor = fds.len();
+            for a in &self.dying_anchors {
+                fds.push(PollFd::new(a, PollFlags::IN));
+            }
+            // Ready for a fast restart: a standby is parked and no old address space is still
+            // being torn down (workers can wait for this; see Worker::wait_standby_ready).
+            let idle = self.standby.is_some() && self.dying_anchors.is_empty();
+            self.shared
+                .word(KEEPER_IDLE)
+                .store(u64::from(idle), Ordering::Release);
             match poll(&mut fds, timeout.as_ref()) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
+            self.shared.word(KEEPER_IDLE).store(0, Ordering::Release);
             let ready = |i: Option<usize>| i.is_some_and(|i| !fds[i].revents().is_empty());
-            (ready(wi), ready(ci), ready(pi))
+            let anchors_done = fds[first_anchor..].iter().any(|f| !f.revents().is_empty());
+            (ready(wi), ready(ci), ready(pi), anchors_done)
         };
+        if anchors_done {
+            self.dying_anchors
+                .retain(|a| !matches!(a.try_wait(), Ok(Some(_))));
+        }
 
         if parent_gone {
             tracing::debug!("rfork: caller exited; ending supervision");
@@ -513,20 +552,31 @@ impl Keeper {
             Some(w) => (Some(w.pidfd), w.anchor),
             None => (None, None),
         };
-        let retired = std::mem::take(&mut self.retired_anchors);
+        let mut retired = std::mem::take(&mut self.retired_anchors);
+        retired.append(&mut self.dying_anchors);
         // A parked standby has already sent its anchor's pid; collect it without blocking.
         let (standby, standby_anchor) = match self.standby.take() {
             Some(sb) => {
                 let mut buf = [0u8; 4];
-                let anchor = match rustix::net::recv(&sb.release, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
-                    Ok((4, _)) => Pid::from_raw(i32::from_le_bytes(buf)).and_then(|p| PidFd::open(p).ok()),
+                let anchor = match rustix::net::recv(
+                    &sb.release,
+                    &mut buf,
+                    rustix::net::RecvFlags::DONTWAIT,
+                ) {
+                    Ok((4, _)) => {
+                        Pid::from_raw(i32::from_le_bytes(buf)).and_then(|p| PidFd::open(p).ok())
+                    }
                     _ => None,
                 };
                 (Some(sb.pidfd), anchor)
             }
             None => (None, None),
         };
-        for pidfd in [worker, anchor, standby, standby_anchor].into_iter().flatten().chain(retired) {
+        for pidfd in [worker, anchor, standby, standby_anchor]
+            .into_iter()
+            .flatten()
+            .chain(retired)
+        {
             let _ = pidfd.send_signal(libc::SIGKILL);
             let _ = pidfd.wait();
         }

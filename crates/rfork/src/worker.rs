@@ -16,7 +16,9 @@ pub(crate) const HEARTBEAT: usize = 0;
 pub(crate) const RESTART_REQUESTED: usize = 1;
 pub(crate) const STANDBY_PARKED: usize = 2;
 pub(crate) const GENERATION: usize = 3;
-pub(crate) const WORDS: usize = 4;
+/// Set by the keeper while it waits with a standby parked and no teardown in flight.
+pub(crate) const KEEPER_IDLE: usize = 4;
+pub(crate) const WORDS: usize = 5;
 
 /// What the current process knows about itself if it is an rfork worker. Set once, right
 /// after fork, in the single-threaded child; read by [`heartbeat`] and [`request_restart`].
@@ -64,16 +66,14 @@ impl Worker {
         request_restart_via(&self.ctl, self.generation)
     }
 
-    /// Kept-image design: whether a fresh standby is parked, i.e. the next restart will not
-    /// fork. Always true for the monitor design.
+    /// Kept-image design: whether the supervisor is ready for a fast restart: a fresh standby
+    /// is parked (the next restart will not fork) and the previous generation's address space
+    /// has been released. Always true for the monitor design.
     pub fn standby_ready(&self) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
         self.ctl.design == Design::Monitor
-            || self
-                .ctl
-                .shared
-                .word(STANDBY_PARKED)
-                .load(std::sync::atomic::Ordering::Acquire)
-                != 0
+            || (self.ctl.shared.word(STANDBY_PARKED).load(Acquire) != 0
+                && self.ctl.shared.word(KEEPER_IDLE).load(Acquire) != 0)
     }
 
     /// Waits (spinning politely) until [`Worker::standby_ready`], at most `timeout`.

@@ -91,17 +91,26 @@ pub fn bounded<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send 
 pub fn assert_no_orphans_of_this_exe(timeout: Duration) {
     let me = std::fs::read_link("/proc/self/exe").expect("/proc/self/exe");
     let orphans = || -> Vec<i32> {
-        let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
         dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
             .filter(|&pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == me))
             .filter(|&pid| {
                 std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-                    s.lines().any(|l| l.starts_with("PPid:") && l.split_whitespace().nth(1) == Some("1"))
-                        && !s.lines().any(|l| l.starts_with("State:") && l.contains('Z'))
+                    s.lines()
+                        .any(|l| l.starts_with("PPid:") && l.split_whitespace().nth(1) == Some("1"))
+                        && !s
+                            .lines()
+                            .any(|l| l.starts_with("State:") && l.contains('Z'))
                 })
             })
             .collect()
     };
     let ok = wait_until(timeout, || orphans().is_empty());
-    assert!(ok, "orphaned processes of this test binary are still running: {:?}", orphans());
+    assert!(
+        ok,
+        "orphaned processes of this test binary are still running: {:?}",
+        orphans()
+    );
 }

@@ -37,6 +37,12 @@ enum Command {
     /// Watch for kernel trouble (hung tasks and drivers, fork storms, memory exhaustion, lost
     /// heartbeats, oopses) and trigger recovery.
     Watch(cmd::watch::Args),
+    /// Mount a file-system module behind FUSE at a protection level (survives module crashes).
+    Mount(cmd::mount::Args),
+    /// Unmount a kintsugi file system.
+    Umount(cmd::umount::Args),
+    /// Inspect or crash a mounted file-system module (status, inject-fault).
+    Fsctl(cmd::fsctl::Args),
     /// Run a program under the guard: trapped state-changing syscalls, incremental checkpoints,
     /// automatic restore by syscall replay when it is killed.
     Guard(cmd::guard::Args),
@@ -57,6 +63,9 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Run(a) => cmd::run::run(a),
         Command::Watch(a) => cmd::watch::run(a),
+        Command::Mount(a) => cmd::mount::run(a),
+        Command::Umount(a) => cmd::umount::run(a),
+        Command::Fsctl(a) => cmd::fsctl::run(a),
         Command::Guard(a) => cmd::guard::run(a),
         Command::Restore(a) => cmd::restore::run(a),
         Command::Bench(b) => bench::run(b),

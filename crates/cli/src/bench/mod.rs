@@ -3,12 +3,15 @@
 
 use std::process::ExitCode;
 
+pub mod fs;
 pub mod rfork;
 pub mod stats;
 pub mod watch;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
+    /// File-system modules: copy64k and compile on tmpfs, plain fuser, SMFS at levels 5 and 4.
+    Fs(fs::Args),
     /// rfork restart latency, both designs, beside bare fork and fork+exec.
     Rfork(rfork::Args),
     /// kintsugi watch: monitor CPU cost beside /proc polling, and detection latency per fault.
@@ -17,6 +20,7 @@ pub enum Bench {
 
 pub fn run(b: Bench) -> anyhow::Result<ExitCode> {
     match b {
+        Bench::Fs(a) => fs::run(a),
         Bench::Rfork(a) => rfork::run(a),
         Bench::Watch(a) => watch::run(a),
     }

@@ -2,5 +2,8 @@
 
 pub mod run;
 pub mod watch;
+pub mod fsctl;
+pub mod mount;
+pub mod umount;
 pub mod guard;
 pub mod restore;

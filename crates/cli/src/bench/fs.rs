@@ -1,0 +1,55 @@
+//! `kintsugi bench fs`: copy64k and compile on tmpfs, the plain-fuser baseline, and SMFS at
+//! levels 5 and 4, in one run. The work is in `fshost::bench`; this prints it.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// 64 KiB copies per file system.
+    #[arg(long, default_value_t = 2000)]
+    pub copy_reps: usize,
+    /// Full builds (5 compiles + link) per file system.
+    #[arg(long, default_value_t = 5)]
+    pub compile_reps: usize,
+    /// Print the JSON object only.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot find the kintsugi binary to mount with")?;
+    let opts = fshost::bench::Opts {
+        copy_reps: a.copy_reps.max(1),
+        compile_reps: a.compile_reps.max(1),
+        exe,
+    };
+    let json = a.json;
+    let rows = fshost::bench::run(&opts, |what| {
+        if !json {
+            eprintln!("bench fs: {what} …");
+        }
+    })
+    .context("bench fs")?;
+    if json {
+        println!("{}", serde_json::json!({ "bench": "fs", "results": rows }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<12} {:>5} {:<8} {:>12} {:>12} {:>9}",
+        "fs", "level", "workload", "median_us", "p99_us", "vs L5"
+    );
+    for r in &rows {
+        println!(
+            "{:<12} {:>5} {:<8} {:>12.1} {:>12.1} {:>9}",
+            r.fs,
+            r.level.map_or("-".into(), |l| l.to_string()),
+            r.workload,
+            r.median_us,
+            r.p99_us,
+            r.ratio_to_level5.map_or("-".into(), |x| format!("{x:.2}x"))
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,88 @@
+//! `kintsugi mount`: mount a file-system module at a protection level.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Mount a file-system module behind FUSE, at a protection level. Daemonizes unless
+/// --foreground; stop it with `kintsugi umount MOUNTPOINT`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Module to mount: smfs (the RAM-disk module), or fuser-plain (the bare-FUSE baseline).
+    #[arg(long, default_value = "smfs")]
+    pub module: String,
+    /// Protection level: 5 = linked into the host (no protection), 4 = own process, shared-memory
+    /// ring, undo log, restart on crash.
+    #[arg(long, default_value_t = 4)]
+    pub level: u8,
+    /// Block store size, e.g. 256M, 1G.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub size: u64,
+    /// Serve in this process until unmounted, logging to stderr.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Level 4: a request the module has not answered within this many ms is a hang: the
+    /// module is killed and restarted.
+    #[arg(long, default_value_t = 2000)]
+    pub deadline_ms: u64,
+    /// Level 4: what a request whose module crashed gets: retry (once, on the restarted module,
+    /// after rollback) or eio.
+    #[arg(long, default_value = "retry", value_parser = ["retry", "eio"])]
+    pub on_crash: String,
+    /// Daemon log file (default: discard).
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Where to mount (an existing directory).
+    pub mountpoint: PathBuf,
+}
+
+/// Parses "256M", "1G", "4096", "64K".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("size {s:?}: unknown suffix {c:?}; use K, M or G")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("size {s:?} is not a number of bytes like 256M"))
+}
+
+pub fn modules(name: &str) -> Option<Box<dyn fsapi::Module>> {
+    match name {
+        "smfs" => Some(Box::new(smfs::Smfs::new())),
+        _ => None,
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let level = fshost::Level::from_number(a.level).map_err(anyhow::Error::msg)?;
+    let opts = fshost::MountOpts {
+        module: a.module,
+        level,
+        size: a.size,
+        mountpoint: a.mountpoint.clone(),
+        foreground: a.foreground,
+        deadline: Duration::from_millis(a.deadline_ms.max(1)),
+        on_crash: if a.on_crash == "eio" {
+            fshost::OnCrash::Eio
+        } else {
+            fshost::OnCrash::Retry
+        },
+        log: a.log,
+    };
+    fshost::mount::mount(&opts, modules)
+        .with_context(|| format!("mount {}", a.mountpoint.display()))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,293 @@
+//! `kintsugi bench fs`: the paper's two workloads on tmpfs, on the plain-`fuser` baseline, and
+//! on SMFS at each available level, all in one run so the ratios are fair.
+//!
+//! - `copy64k`: copy a 64 KiB file in 8 KiB blocks (open, create/truncate, 8 reads + 8 writes,
+//!   close), many repetitions; one sample per copy.
+//! - `compile`: build a generated C program of 5 sources + 2 headers (~2,000 lines) with `cc`
+//!   (5 compiles + 1 link) on the file system; one sample per full build.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::HostError;
+
+/// Benchmark parameters.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Copies per file system.
+    pub copy_reps: usize,
+    /// Builds per file system.
+    pub compile_reps: usize,
+    /// The `kintsugi` binary used to mount.
+    pub exe: PathBuf,
+}
+
+/// One line of the result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub fs: &'static str,
+    pub level: Option<u8>,
+    pub workload: &'static str,
+    pub median_us: f64,
+    pub p99_us: f64,
+    pub ratio_to_level5: Option<f64>,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn io(what: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> HostError {
+    let path = p.display().to_string();
+    move |source| HostError::Io { what, path, source }
+}
+
+/// One 64 KiB copy in 8 KiB blocks; returns µs.
+fn copy_once(src: &Path, dst: &Path) -> Result<f64, HostError> {
+    let t = Instant::now();
+    let mut s = std::fs::File::open(src).map_err(io("open", src))?;
+    let mut d = std::fs::File::create(dst).map_err(io("create", dst))?;
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).map_err(io("read", src))?;
+        if n == 0 {
+            break;
+        }
+        d.write_all(&buf[..n]).map_err(io("write", dst))?;
+    }
+    drop((s, d));
+    Ok(t.elapsed().as_secs_f64() * 1e6)
+}
+
+fn copy64k(dir: &Path, reps: usize) -> Result<Vec<f64>, HostError> {
+    let src = dir.join("copy-src");
+    let mut data = vec![0u8; 64 << 10];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i * 31 % 251) as u8;
+    }
+    std::fs::write(&src, &data).map_err(io("write", &src))?;
+    let dst = dir.join("copy-dst");
+    for _ in 0..reps / 20 + 1 {
+        copy_once(&src, &dst)?; // warm-up
+    }
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        v.push(copy_once(&src, &dst)?);
+    }
+    Ok(v)
+}
+
+/// Writes the compile workload's sources: 2 headers, 5 C files, about 2,000 lines.
+pub fn generate_sources(dir: &Path) -> Result<(), HostError> {
+    let mut types = String::from("#ifndef TYPES_H\n#define TYPES_H\n#include <stddef.h>\n");
+    for i in 0..30 {
+        types += &format!(
+            "struct rec{i} {{\n    int id;\n    long value;\n    double weight;\n    char tag[16];\n}};\n"
+        );
+    }
+    types += "#endif\n";
+    let mut protos = String::from("#ifndef PROTO_H\n#define PROTO_H\n#include \"types.h\"\n");
+    for f in 0..5 {
+        for k in 0..12 {
+            protos += &format!("long f{f}_{k}(struct rec{} *r, int n);\n", k % 30);
+        }
+    }
+    protos += "#endif\n";
+    std::fs::write(dir.join("types.h"), types).map_err(io("write", dir))?;
+    std::fs::write(dir.join("proto.h"), protos).map_err(io("write", dir))?;
+    for f in 0..5 {
+        let mut c = String::from("#include \"proto.h\"\n#include <string.h>\n\n");
+        for k in 0..12 {
+            c += &format!(
+                "long f{f}_{k}(struct rec{r} *r, int n)\n{{\n    long acc = {k};\n    for (int i = 0; i < n; i++) {{\n        \
+                 r[i].id = i * {f} + {k};\n        r[i].value += (long)r[i].id * 3;\n        if (r[i].value % 7 == 0)\n            \
+                 acc += r[i].value;\n        else\n            acc -= r[i].id;\n        r[i].weight = (double)acc / (i + 1);\n        \
+                 memset(r[i].tag, 'a' + (i % 26), sizeof r[i].tag - 1);\n        r[i].tag[15] = 0;\n    }}\n    \
+                 switch (n % 4) {{\n    case 0: acc += 1; break;\n    case 1: acc += 2; break;\n    case 2: acc *= 3; break;\n    \
+                 default: acc ^= 5; break;\n    }}\n    return acc;\n}}\n\n",
+                r = k % 30
+            );
+        }
+        if f == 0 {
+            c += "#include <stdio.h>\nint main(void)\n{\n    static struct rec0 r0[64];\n    long t = 0;\n";
+            for g in 0..5 {
+                c += &format!("    t += f{g}_0((struct rec0 *)r0, 64);\n");
+            }
+            c += "    printf(\"%ld\\n\", t);\n    return 0;\n}\n";
+        }
+        std::fs::write(dir.join(format!("m{f}.c")), c).map_err(io("write", dir))?;
+    }
+    Ok(())
+}
+
+fn compile_once(dir: &Path) -> Result<f64, HostError> {
+    let t = Instant::now();
+    for f in 0..5 {
+        let st = Command::new("cc")
+            .current_dir(dir)
+            .args(["-O0", "-c", &format!("m{f}.c"), "-o", &format!("m{f}.o")])
+            .status()
+            .map_err(io("running cc (install gcc)", dir))?;
+        if !st.success() {
+            return Err(HostError::Io {
+                what: "cc",
+                path: dir.display().to_string(),
+                source: std::io::Error::other("compile failed"),
+            });
+        }
+    }
+    let st = Command::new("cc")
+        .current_dir(dir)
+        .args(["-o", "prog", "m0.o", "m1.o", "m2.o", "m3.o", "m4.o"])
+        .status()
+        .map_err(io("running cc", dir))?;
+    if !st.success() {
+        return Err(HostError::Io {
+            what: "link",
+            path: dir.display().to_string(),
+            source: std::io::Error::other("link failed"),
+        });
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e6)
+}
+
+fn compile(dir: &Path, reps: usize) -> Result<Vec<f64>, HostError> {
+    let d = dir.join("build");
+    std::fs::create_dir_all(&d).map_err(io("mkdir", &d))?;
+    generate_sources(&d)?;
+    compile_once(&d)?; // warm-up (and proof it builds)
+    (0..reps).map(|_| compile_once(&d)).collect()
+}
+
+/// A mounted target; unmounted on drop.
+struct Target {
+    dir: PathBuf,
+    tmpfs: bool,
+    exe: PathBuf,
+}
+
+impl Target {
+    fn tmpfs(base: &Path) -> Result<Target, HostError> {
+        let dir = base.join("tmpfs");
+        std::fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
+        rustix::mount::mount(
+            "kintsugi-bench",
+            &dir,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            Some(c"size=512m"),
+        )
+        .map_err(|e| io("mount tmpfs", &dir)(e.into()))?;
+        Ok(Target {
+            dir,
+            tmpfs: true,
+            exe: PathBuf::new(),
+        })
+    }
+
+    fn kintsugi(base: &Path, exe: &Path, module: &str, level: u8) -> Result<Target, HostError> {
+        let dir = base.join(format!("{module}-l{level}"));
+        std::fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
+        let out = Command::new(exe)
+            .args([
+                "mount",
+                "--module",
+                module,
+                "--level",
+                &level.to_string(),
+                "--size",
+                "512M",
+            ])
+            .arg(&dir)
+            .output()
+            .map_err(io("running kintsugi mount", &dir))?;
+        if !out.status.success() {
+            return Err(HostError::Daemon(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(Target {
+            dir,
+            tmpfs: false,
+            exe: exe.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if self.tmpfs {
+            let _ = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH);
+        } else {
+            let ok = Command::new(&self.exe)
+                .arg("umount")
+                .arg(&self.dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Runs every workload on every file system. Progress goes to `progress`.
+pub fn run(opts: &Opts, mut progress: impl FnMut(&str)) -> Result<Vec<Row>, HostError> {
+    let base = std::env::temp_dir().join(format!("kintsugi-bench-fs-{}", std::process::id()));
+    std::fs::create_dir_all(&base).map_err(io("mkdir", &base))?;
+    let systems: [(&'static str, Option<u8>); 4] = [
+        ("tmpfs", None),
+        ("fuser_plain", None),
+        ("smfs", Some(5)),
+        ("smfs", Some(4)),
+    ];
+    let mut rows = Vec::new();
+    for (fs, level) in systems {
+        progress(&format!(
+            "{fs}{}",
+            level.map(|l| format!(" level {l}")).unwrap_or_default()
+        ));
+        let t = match (fs, level) {
+            ("tmpfs", _) => Target::tmpfs(&base)?,
+            ("fuser_plain", _) => Target::kintsugi(&base, &opts.exe, crate::mount::PLAIN, 5)?,
+            (_, l) => Target::kintsugi(&base, &opts.exe, "smfs", l.unwrap_or(5))?,
+        };
+        for (workload, samples) in [
+            ("copy64k", copy64k(&t.dir, opts.copy_reps)?),
+            ("compile", compile(&t.dir, opts.compile_reps)?),
+        ] {
+            let mut s = samples;
+            s.sort_by(f64::total_cmp);
+            rows.push(Row {
+                fs,
+                level,
+                workload,
+                median_us: pct(&s, 0.5),
+                p99_us: pct(&s, 0.99),
+                ratio_to_level5: None,
+            });
+        }
+        drop(t);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir(&base);
+    for w in ["copy64k", "compile"] {
+        let l5 = rows
+            .iter()
+            .find(|r| r.fs == "smfs" && r.level == Some(5) && r.workload == w)
+            .map(|r| r.median_us);
+        for r in rows.iter_mut().filter(|r| r.workload == w) {
+            r.ratio_to_level5 = l5
+                .filter(|m| *m > 0.0)
+                .map(|m| (r.median_us / m * 1000.0).round() / 1000.0);
+        }
+    }
+    Ok(rows)
+}

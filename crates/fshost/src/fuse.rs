@@ -1,0 +1,728 @@
+//! The FUSE front end: turns kernel requests into [`Request`]s for the backend, keeps the
+//! host's inode table (lookup counts) and open-file table, and answers the control xattrs
+//! behind `kintsugi fsctl`.
+//!
+//! Control channel: extended attributes on the mount's root directory, handled here and never
+//! passed to the module. `user.kintsugi.fault` = `panic|segv|kill|hang[:write|rename|readdir|any]`
+//! arms a fault (with a class: for the next such request; without: now, while idle), and
+//! `user.kintsugi.status` reads the host's counters as JSON. Whoever can reach the mount can use
+//! it; nothing else (no socket, no pid file) has to be found or cleaned up.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fsapi::{Attr, Ctx, Errno, Fh, FileKind, Ino, SetAttr, TimeSet, Timespec};
+use fuser::{
+    FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, TimeOrNow, WriteFlags,
+};
+
+use crate::backend::{Backend, Stats};
+use crate::pm::Fault;
+use crate::wire::{Op, OpClass, Reply, Request};
+
+/// Attribute/entry cache time given to the kernel.
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write the kernel sends (also sizes ring slots).
+pub const MAX_WRITE: u32 = 128 << 10;
+/// Name of the fault-injection xattr.
+pub const XATTR_FAULT: &str = "user.kintsugi.fault";
+/// Name of the status xattr.
+pub const XATTR_STATUS: &str = "user.kintsugi.status";
+
+/// One open file in the host's table.
+#[derive(Debug, Clone, Copy)]
+struct OpenFile {
+    ino: Ino,
+    module_fh: Fh,
+}
+
+/// The FUSE file system the host mounts.
+#[derive(Debug)]
+pub struct HostFs {
+    backend: Backend,
+    module: String,
+    stats: Arc<Stats>,
+    armed: Mutex<Option<(Fault, OpClass)>>,
+    /// Inode table: kernel lookup counts per node.
+    lookups: Mutex<HashMap<Ino, u64>>,
+    /// Open-file table: host handle → module handle.
+    files: Mutex<HashMap<u64, OpenFile>>,
+    next_fh: AtomicU64,
+}
+
+fn ts_to_system(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
+            + Duration::from_nanos(u64::from(t.nsec))
+    }
+}
+
+fn system_to_ts(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Timespec { sec, nsec }
+        }
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+fn fuse_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino.0),
+        size: a.size,
+        blocks: a.blocks,
+        atime: ts_to_system(a.atime),
+        mtime: ts_to_system(a.mtime),
+        ctime: ts_to_system(a.ctime),
+        crtime: ts_to_system(a.ctime),
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn err(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e.0)
+}
+
+fn ctx(req: &fuser::Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(s) => TimeSet::At(system_to_ts(s)),
+    }
+}
+
+impl HostFs {
+    pub fn new(backend: Backend, module: String, stats: Arc<Stats>) -> HostFs {
+        HostFs {
+            backend,
+            module,
+            stats,
+            armed: Mutex::new(None),
+            lookups: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// Formats the store through the module (at level 4, in the module process).
+    pub fn mkfs(&self) -> Result<(), Errno> {
+        match self.call(Ctx::default(), Op::Mkfs) {
+            Reply::Ok => Ok(()),
+            Reply::Err(e) => Err(e),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn call(&self, ctx: Ctx, op: Op) -> Reply {
+        let fault = {
+            let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+            match *armed {
+                Some((f, class)) if class.matches(&op) => {
+                    *armed = None;
+                    Some(f)
+                }
+                _ => None,
+            }
+        };
+        self.backend.call(Request { ctx, op }, fault, &self.stats)
+    }
+
+    fn remember(&self, ino: Ino) {
+        *self
+            .lookups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ino)
+            .or_default() += 1;
+    }
+
+    fn entry(&self, r: Reply, reply: ReplyEntry) {
+        match r {
+            Reply::Attr(a) => {
+                self.remember(a.ino);
+                reply.entry(&TTL, &fuse_attr(&a), Generation(a.generation));
+            }
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn empty(r: Reply, reply: ReplyEmpty) {
+        match r {
+            Reply::Ok => reply.ok(),
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn open_file(&self, ino: Ino, module_fh: Fh) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, OpenFile { ino, module_fh });
+        FileHandle(fh)
+    }
+
+    fn module_fh(&self, fh: FileHandle) -> Fh {
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .map_or(Fh(0), |f| f.module_fh)
+    }
+
+    fn control(&self, value: &[u8]) -> Result<(), Errno> {
+        let v = std::str::from_utf8(value)
+            .map_err(|_| Errno::EINVAL)?
+            .trim();
+        let (kind, class) = v.split_once(':').unwrap_or((v, ""));
+        let fault = Fault::parse(kind).ok_or(Errno::EINVAL)?;
+        if class.is_empty() {
+            self.backend.idle_fault(fault).map_err(|m| {
+                tracing::warn!("{m}");
+                Errno::EOPNOTSUPP
+            })?;
+        } else {
+            let class = OpClass::parse(class).ok_or(Errno::EINVAL)?;
+            if self.backend.level() == crate::backend::Level::L5 && fault != Fault::Panic {
+                tracing::warn!(
+                    "level 5 has no isolation: only 'panic' (caught in-process) can be injected; mount with --level 4"
+                );
+                return Err(Errno::EOPNOTSUPP);
+            }
+            *self.armed.lock().unwrap_or_else(|p| p.into_inner()) = Some((fault, class));
+        }
+        tracing::info!(fault = fault.name(), class, "fault injection armed");
+        Ok(())
+    }
+
+    fn status(&self) -> Vec<u8> {
+        let mut j = self.stats.json(self.backend.level(), &self.module);
+        j["store_free_blocks"] = self.backend.store().free_blocks().into();
+        j["open_files"] = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            .into();
+        j.to_string().into_bytes()
+    }
+}
+
+impl Filesystem for HostFs {
+    fn init(&mut self, _req: &fuser::Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self.call(
+            ctx(req),
+            Op::Lookup {
+                parent: Ino(parent.0),
+                name: name.as_bytes().to_vec(),
+            },
+        );
+        self.entry(r, reply);
+    }
+
+    fn forget(&self, _req: &fuser::Request, ino: INodeNo, nlookup: u64) {
+        let mut t = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&Ino(ino.0)) {
+            *n = n.saturating_sub(nlookup);
+            if *n == 0 {
+                t.remove(&Ino(ino.0));
+            }
+        }
+    }
+
+    fn getattr(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        _fh: Option<FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        match self.call(ctx(req), Op::Getattr { ino: Ino(ino.0) }) {
+            Reply::Attr(a) => reply.attr(&TTL, &fuse_attr(&a)),
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+            ctime: ctime.map(system_to_ts),
+        };
+        match self.call(
+            ctx(req),
+            Op::Setattr {
+                ino: Ino(ino.0),
+                set,
+            },
+        ) {
+            Reply::Attr(a) => reply.attr(&TTL, &fuse_attr(&a)),
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn readlink(&self, req: &fuser::Request, ino: INodeNo, reply: ReplyData) {
+        match self.call(ctx(req), Op::Readlink { ino: Ino(ino.0) }) {
+            Reply::Data(d) => reply.data(&d),
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let op = Op::Mknod {
+            parent: Ino(parent.0),
+            name: name.as_bytes().to_vec(),
+            mode,
+            umask,
+            rdev,
+        };
+        let r = self.call(ctx(req), op);
+        self.entry(r, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.call(
+            ctx(req),
+            Op::Mkdir {
+                parent: Ino(parent.0),
+                name: name.as_bytes().to_vec(),
+                mode,
+                umask,
+            },
+        );
+        self.entry(r, reply);
+    }
+
+    fn unlink(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(
+            self.call(
+                ctx(req),
+                Op::Unlink {
+                    parent: Ino(parent.0),
+                    name: name.as_bytes().to_vec(),
+                },
+            ),
+            reply,
+        );
+    }
+
+    fn rmdir(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(
+            self.call(
+                ctx(req),
+                Op::Rmdir {
+                    parent: Ino(parent.0),
+                    name: name.as_bytes().to_vec(),
+                },
+            ),
+            reply,
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let op = Op::Symlink {
+            parent: Ino(parent.0),
+            name: link_name.as_bytes().to_vec(),
+            target: target.as_os_str().as_bytes().to_vec(),
+        };
+        let r = self.call(ctx(req), op);
+        self.entry(r, reply);
+    }
+
+    fn rename(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let op = Op::Rename {
+            parent: Ino(parent.0),
+            name: name.as_bytes().to_vec(),
+            newparent: Ino(newparent.0),
+            newname: newname.as_bytes().to_vec(),
+            flags: flags.bits(),
+        };
+        Self::empty(self.call(ctx(req), op), reply);
+    }
+
+    fn link(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let op = Op::Link {
+            ino: Ino(ino.0),
+            newparent: Ino(newparent.0),
+            newname: newname.as_bytes().to_vec(),
+        };
+        let r = self.call(ctx(req), op);
+        self.entry(r, reply);
+    }
+
+    fn open(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.call(
+            ctx(req),
+            Op::Open {
+                ino: Ino(ino.0),
+                flags: flags.0,
+            },
+        ) {
+            Reply::Opened(fh) => reply.opened(self.open_file(Ino(ino.0), fh), FopenFlags::empty()),
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn read(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let op = Op::Read {
+            ino: Ino(ino.0),
+            fh: self.module_fh(fh),
+            offset,
+            size: size.min(1 << 20),
+        };
+        match self.call(ctx(req), op) {
+            Reply::Data(d) => reply.data(&d),
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let op = Op::Write {
+            ino: Ino(ino.0),
+            fh: self.module_fh(fh),
+            offset,
+            data: data.to_vec(),
+        };
+        match self.call(ctx(req), op) {
+            Reply::Written(n) => reply.written(n),
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn flush(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(
+            self.call(
+                ctx(req),
+                Op::Flush {
+                    ino: Ino(ino.0),
+                    fh: self.module_fh(fh),
+                },
+            ),
+            reply,
+        );
+    }
+
+    fn release(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let of = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        let module_fh = of.map_or(Fh(0), |f| f.module_fh);
+        let ino = of.map_or(Ino(ino.0), |f| f.ino);
+        Self::empty(
+            self.call(ctx(req), Op::Release { ino, fh: module_fh }),
+            reply,
+        );
+    }
+
+    fn fsync(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(
+            self.call(
+                ctx(req),
+                Op::Fsync {
+                    ino: Ino(ino.0),
+                    fh: self.module_fh(fh),
+                    datasync,
+                },
+            ),
+            reply,
+        );
+    }
+
+    fn readdir(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.call(
+            ctx(req),
+            Op::Readdir {
+                ino: Ino(ino.0),
+                offset,
+                max: 256,
+            },
+        ) {
+            Reply::Entries(es) => {
+                for e in es {
+                    if reply.add(
+                        INodeNo(e.ino.0),
+                        e.offset,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn statfs(&self, req: &fuser::Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.call(ctx(req), Op::Statfs) {
+            Reply::StatFs(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+            ),
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if ino.0 == Ino::ROOT.0 && name == XATTR_FAULT {
+            match self.control(value) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(err(e)),
+            }
+        } else {
+            // Never ENOSYS: the kernel would stop sending setxattr, and with it our control channel.
+            reply.error(fuser::Errno::EOPNOTSUPP);
+        }
+    }
+
+    fn getxattr(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        if ino.0 == Ino::ROOT.0 && name == XATTR_STATUS {
+            let v = self.status();
+            if size == 0 {
+                reply.size(v.len() as u32);
+            } else if (size as usize) < v.len() {
+                reply.error(fuser::Errno::ERANGE);
+            } else {
+                reply.data(&v);
+            }
+        } else {
+            reply.error(fuser::Errno::EOPNOTSUPP);
+        }
+    }
+
+    fn listxattr(&self, _req: &fuser::Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
+    }
+
+    fn removexattr(&self, _req: &fuser::Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(fuser::Errno::EOPNOTSUPP);
+    }
+
+    fn create(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let op = Op::Create {
+            parent: Ino(parent.0),
+            name: name.as_bytes().to_vec(),
+            mode,
+            umask,
+            flags,
+        };
+        match self.call(ctx(req), op) {
+            Reply::Created(a, fh) => {
+                self.remember(a.ino);
+                let h = self.open_file(a.ino, fh);
+                reply.created(
+                    &TTL,
+                    &fuse_attr(&a),
+                    Generation(a.generation),
+                    h,
+                    FopenFlags::empty(),
+                );
+            }
+            Reply::Err(e) => reply.error(err(e)),
+            _ => reply.error(fuser::Errno::EIO),
+        }
+    }
+}

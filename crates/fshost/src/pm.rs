@@ -1,0 +1,383 @@
+//! The protection manager: the [`fsapi::Pm`] a module gets, and the undo log behind it.
+//!
+//! Level 5 uses it without a log (direct calls, no protection). Level 4 gives each request an
+//! [`UndoLog`] in shared memory: before any host data changes, the old value is appended and
+//! the log length published; only then is the change made. So whatever instant the module
+//! process dies at, the host can walk the log backwards and restore the exact state from
+//! before the request (including releasing the locks it took), without the module's help.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fsapi::{BlockNo, Errno, FsResult, Ino, LockId, Pm, Timespec};
+use sys::fs_ring::SharedRegion;
+
+use crate::store::{BLOCK_SIZE, Owner, Store};
+
+/// A fault to inject into the module, for tests, the demo and `kintsugi fsctl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Fault {
+    /// `panic!` in module code.
+    Panic,
+    /// A real SIGSEGV (write through a null pointer).
+    Segv,
+    /// SIGKILL to the module process.
+    Kill,
+    /// Stop answering (the host's per-request deadline catches it).
+    Hang,
+}
+
+impl Fault {
+    pub fn parse(s: &str) -> Option<Fault> {
+        Some(match s {
+            "panic" => Fault::Panic,
+            "segv" => Fault::Segv,
+            "kill" => Fault::Kill,
+            "hang" => Fault::Hang,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Panic => "panic",
+            Fault::Segv => "segv",
+            Fault::Kill => "kill",
+            Fault::Hang => "hang",
+        }
+    }
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Fault::Panic => 1,
+            Fault::Segv => 2,
+            Fault::Kill => 3,
+            Fault::Hang => 4,
+        }
+    }
+    pub(crate) fn from_code(c: u32) -> Option<Fault> {
+        Some(match c {
+            1 => Fault::Panic,
+            2 => Fault::Segv,
+            3 => Fault::Kill,
+            4 => Fault::Hang,
+            _ => return None,
+        })
+    }
+    /// Makes the fault happen, here and now.
+    pub fn fire(self) {
+        match self {
+            Fault::Panic => panic!("injected fault: module panic"),
+            Fault::Segv => sys::fault::segv(),
+            Fault::Kill => {
+                let _ = sys::process::kill(sys::Pid::this(), libc::SIGKILL);
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            Fault::Hang => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+        }
+    }
+}
+
+const K_BLOCK: u32 = 1;
+const K_BIT: u32 = 2;
+const K_REF: u32 = 3;
+const K_LOCK: u32 = 4;
+const ENTRY_HDR: usize = 24;
+const LOG_HDR: usize = 64;
+
+/// One request's undo log: a region of shared memory `[used: u64][entries…]`.
+#[derive(Debug, Clone, Copy)]
+pub struct UndoLog<'a> {
+    region: &'a SharedRegion,
+    base: usize,
+    cap: usize,
+}
+
+impl<'a> UndoLog<'a> {
+    /// The log occupying `cap` bytes at `base` of `region` (8-aligned).
+    pub fn new(region: &'a SharedRegion, base: usize, cap: usize) -> UndoLog<'a> {
+        UndoLog { region, base, cap }
+    }
+
+    fn used(&self) -> &std::sync::atomic::AtomicU64 {
+        self.region.atomic_u64(self.base)
+    }
+
+    /// Bytes of entries recorded.
+    pub fn len(&self) -> usize {
+        self.used().load(Ordering::Acquire) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets every entry: the request committed.
+    pub fn clear(&self) {
+        self.used().store(0, Ordering::Release);
+    }
+
+    /// Appends an entry and publishes it. Must happen before the change it undoes.
+    fn append(&self, kind: u32, a: u64, b: u64, data: &[u8]) -> FsResult<()> {
+        let used = self.len();
+        let size = (ENTRY_HDR + data.len()).next_multiple_of(8);
+        // Entries are followed by their own size, so the log can be walked backwards.
+        if LOG_HDR + used + size + 8 > self.cap {
+            return Err(Errno::ENOSPC);
+        }
+        let at = self.base + LOG_HDR + used;
+        let mut hdr = [0u8; ENTRY_HDR];
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[4..8].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        hdr[8..16].copy_from_slice(&a.to_le_bytes());
+        hdr[16..24].copy_from_slice(&b.to_le_bytes());
+        self.region.write(at, &hdr);
+        self.region.write(at + ENTRY_HDR, data);
+        self.region.write(at + size, &(size as u64).to_le_bytes());
+        self.used()
+            .store((used + size + 8) as u64, Ordering::Release);
+        Ok(())
+    }
+
+    /// Undoes every entry, newest first, then clears the log. `owner`'s locks are released.
+    /// Returns the number of entries undone. Entries that do not decode (a module that
+    /// scribbled on its log) stop the walk: what precedes them is still undone in order.
+    pub fn rollback(&self, store: &Store, owner: Owner) -> usize {
+        let mut end = self.len().min(self.cap - LOG_HDR);
+        let mut n = 0;
+        while end >= 8 + ENTRY_HDR {
+            let mut w = [0u8; 8];
+            self.region.read(self.base + LOG_HDR + end - 8, &mut w);
+            let size = u64::from_le_bytes(w) as usize;
+            if size < ENTRY_HDR || size + 8 > end {
+                tracing::warn!(
+                    end,
+                    size,
+                    "undo log entry does not decode; stopping rollback here"
+                );
+                break;
+            }
+            let at = self.base + LOG_HDR + end - 8 - size;
+            let mut hdr = [0u8; ENTRY_HDR];
+            self.region.read(at, &mut hdr);
+            let kind = u32::from_le_bytes(hdr[0..4].try_into().expect("4"));
+            let len = u32::from_le_bytes(hdr[4..8].try_into().expect("4")) as usize;
+            let a = u64::from_le_bytes(hdr[8..16].try_into().expect("8"));
+            let b = u64::from_le_bytes(hdr[16..24].try_into().expect("8"));
+            match kind {
+                K_BLOCK if len <= BLOCK_SIZE && ENTRY_HDR + len <= size => {
+                    let mut old = vec![0u8; len];
+                    self.region.read(at + ENTRY_HDR, &mut old);
+                    store.write(a, b as usize, &old);
+                }
+                K_BIT => {
+                    store.set_allocated(a, b != 0);
+                }
+                K_REF => {
+                    store.add_refs(a, -(b as i64 as i32));
+                }
+                K_LOCK => {} // released wholesale below
+                _ => {
+                    tracing::warn!(kind, "unknown undo log entry kind; stopping rollback here");
+                    break;
+                }
+            }
+            n += 1;
+            end -= size + 8;
+        }
+        store.release_all(owner);
+        self.clear();
+        n
+    }
+}
+
+/// The protection manager for one request.
+#[derive(Debug)]
+pub struct HostPm<'a> {
+    store: &'a Store,
+    log: Option<UndoLog<'a>>,
+    owner: Owner,
+    /// Blocks allocated during this request: their old contents need no logging (they were
+    /// free, and rollback frees them again).
+    fresh: HashSet<u64>,
+    /// Blocks that held data at the start of this request and were freed during it.
+    freed: HashSet<u64>,
+    fault: Option<Fault>,
+    mutated: bool,
+}
+
+impl<'a> HostPm<'a> {
+    /// `log: None` is level 5 (no undo).
+    pub fn new(
+        store: &'a Store,
+        log: Option<UndoLog<'a>>,
+        owner: Owner,
+        fault: Option<Fault>,
+    ) -> HostPm<'a> {
+        HostPm {
+            store,
+            log,
+            owner,
+            fresh: HashSet::new(),
+            freed: HashSet::new(),
+            fault,
+            mutated: false,
+        }
+    }
+
+    /// Fires an armed fault once the request has changed host data, so rollback has real work.
+    fn checkpoint(&mut self) {
+        if self.mutated
+            && let Some(f) = self.fault.take()
+        {
+            f.fire();
+        }
+    }
+
+    /// Fires an armed fault that found no mid-request moment (read-only requests).
+    pub fn finish(&mut self) {
+        if let Some(f) = self.fault.take() {
+            f.fire();
+        }
+    }
+
+    fn log(&self, kind: u32, a: u64, b: u64, data: &[u8]) -> FsResult<()> {
+        match &self.log {
+            Some(l) => l.append(kind, a, b, data),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Pm for HostPm<'_> {
+    fn block_size(&self) -> usize {
+        BLOCK_SIZE
+    }
+    fn nblocks(&self) -> u64 {
+        self.store.nblocks()
+    }
+    fn free_blocks(&self) -> u64 {
+        self.store.free_blocks()
+    }
+    fn bread(&mut self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
+        self.checkpoint();
+        if self.store.read(b.0, off, buf) {
+            Ok(())
+        } else {
+            Err(Errno::EIO)
+        }
+    }
+    fn bwrite(&mut self, b: BlockNo, off: usize, data: &[u8]) -> FsResult<()> {
+        self.checkpoint();
+        if !self.store.is_allocated(b.0) || off + data.len() > BLOCK_SIZE {
+            return Err(Errno::EIO);
+        }
+        if self.log.is_some() && !self.fresh.contains(&b.0) {
+            let mut old = vec![0u8; data.len()];
+            self.store.read(b.0, off, &mut old);
+            self.log(K_BLOCK, b.0, off as u64, &old)?;
+        }
+        self.store.write(b.0, off, data);
+        self.mutated = true;
+        Ok(())
+    }
+    fn get_next_blk(&mut self) -> FsResult<BlockNo> {
+        self.checkpoint();
+        // Log first ("was free"), then take the block: a death in between frees a block that
+        // is still free, which is harmless. (One module worker allocates at a time; concurrent
+        // requests will need the choice and the take to be one step.)
+        let b = self.store.find_free().ok_or(Errno::ENOSPC)?;
+        self.log(K_BIT, b, 0, &[])?;
+        if self.freed.contains(&b) {
+            // Freed earlier in this same request: its old content is live again if we roll
+            // back, so save it before zero-filling.
+            let mut old = vec![0u8; BLOCK_SIZE];
+            self.store.read(b, 0, &mut old);
+            self.log(K_BLOCK, b, 0, &old)?;
+        }
+        if self.store.set_allocated(b, true) {
+            return Err(Errno::EIO);
+        }
+        self.store.zero(b);
+        self.fresh.insert(b);
+        self.mutated = true;
+        Ok(BlockNo(b))
+    }
+    fn free_blk(&mut self, b: BlockNo) -> FsResult<()> {
+        self.checkpoint();
+        if !self.store.is_allocated(b.0) {
+            return Err(Errno::EIO);
+        }
+        self.log(K_BIT, b.0, 1, &[])?;
+        self.store.set_allocated(b.0, false);
+        if !self.fresh.remove(&b.0) {
+            self.freed.insert(b.0);
+        }
+        self.mutated = true;
+        Ok(())
+    }
+    fn vref(&mut self, ino: Ino) -> FsResult<()> {
+        self.checkpoint();
+        if ino.0 >= self.store.nblocks() {
+            return Err(Errno::EINVAL);
+        }
+        self.log(K_REF, ino.0, 1, &[])?;
+        self.store.add_refs(ino.0, 1).ok_or(Errno::EINVAL)?;
+        self.mutated = true;
+        Ok(())
+    }
+    fn vrele(&mut self, ino: Ino) -> FsResult<u32> {
+        self.checkpoint();
+        if self.store.refs(ino.0) == 0 {
+            return Err(Errno::EINVAL);
+        }
+        self.log(K_REF, ino.0, (-1i64) as u64, &[])?;
+        let left = self.store.add_refs(ino.0, -1).ok_or(Errno::EINVAL)?;
+        self.mutated = true;
+        Ok(left)
+    }
+    fn refs(&self, ino: Ino) -> u32 {
+        self.store.refs(ino.0)
+    }
+    fn lock(&mut self, l: LockId) -> FsResult<()> {
+        self.checkpoint();
+        let slot = Store::lock_slot(l.0);
+        let started = std::time::Instant::now();
+        loop {
+            match self.store.try_lock(slot, self.owner) {
+                Some(first) => {
+                    if first {
+                        // Recorded so the log shows what the request held; rollback releases
+                        // all of the owner's locks.
+                        self.log(K_LOCK, l.0, 0, &[])?;
+                    }
+                    return Ok(());
+                }
+                None if started.elapsed() > Duration::from_secs(30) => {
+                    return Err(Errno(libc::EDEADLK));
+                }
+                None => std::thread::sleep(Duration::from_micros(50)),
+            }
+        }
+    }
+    fn unlock(&mut self, l: LockId) -> FsResult<()> {
+        if self.store.unlock(Store::lock_slot(l.0), self.owner) {
+            Ok(())
+        } else {
+            Err(Errno::EINVAL)
+        }
+    }
+    fn now(&self) -> Timespec {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

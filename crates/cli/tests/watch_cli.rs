@@ -19,6 +19,18 @@ struct Running(Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // SIGTERM first: `kintsugi run` then stops its child's process group itself, so no
+        // grandchild outlives the test; SIGKILL if it does not exit in time.
+        if let Some(pid) = sys::Pid::from_raw(self.0.id() as i32) {
+            let _ = sys::process::kill(pid, 15);
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

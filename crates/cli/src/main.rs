@@ -48,6 +48,8 @@ enum Command {
     Guard(cmd::guard::Args),
     /// Rebuild a guarded program from its image directory and keep guarding it.
     Restore(cmd::restore::Args),
+    /// Send sd_notify messages (READY=1, WATCHDOG=1) to $NOTIFY_SOCKET, like systemd-notify.
+    Notify(cmd::notify::Args),
     /// Benchmarks: print a human table, or with --json the object the issue specifies.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
         Command::Fsctl(a) => cmd::fsctl::run(a),
         Command::Guard(a) => cmd::guard::run(a),
         Command::Restore(a) => cmd::restore::run(a),
+        Command::Notify(a) => cmd::notify::run(a),
         Command::Bench(b) => bench::run(b),
         Command::BenchChild(a) => bench::rfork::child(a),
     };

@@ -65,19 +65,39 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut results = Vec::new();
     // fork+exec first, while this process is still small (a real exec supervisor is small).
     for &mb in &a.sizes {
-        results.push(Row { name: "fork_exec", rss_mb: mb, s: Summary::from_ns(&fork_exec(n, mb)?) });
+        results.push(Row {
+            name: "fork_exec",
+            rss_mb: mb,
+            s: Summary::from_ns(&fork_exec(n, mb)?),
+        });
     }
     for &mb in &a.sizes {
         let ballast = touch(mb);
-        results.push(Row { name: "bare_fork", rss_mb: mb, s: Summary::from_ns(&bare_fork(n)?) });
+        results.push(Row {
+            name: "bare_fork",
+            rss_mb: mb,
+            s: Summary::from_ns(&bare_fork(n)?),
+        });
         for design in [Design::Monitor, Design::KeptImage] {
-            results.push(Row { name: design.name(), rss_mb: mb, s: Summary::from_ns(&rfork_loop(design, n)?) });
+            results.push(Row {
+                name: design.name(),
+                rss_mb: mb,
+                s: Summary::from_ns(&rfork_loop(design, n)?),
+            });
         }
         drop(ballast);
     }
-    let order = |name: &str| ["monitor", "kept_image", "bare_fork", "fork_exec"].iter().position(|&x| x == name);
+    let order = |name: &str| {
+        ["monitor", "kept_image", "bare_fork", "fork_exec"]
+            .iter()
+            .position(|&x| x == name)
+    };
     results.sort_by_key(|r| (r.rss_mb, order(r.name)));
-    let report = Report { bench: "rfork", restarts: a.restarts, results };
+    let report = Report {
+        bench: "rfork",
+        restarts: a.restarts,
+        results,
+    };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -87,8 +107,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn print_table(r: &Report) {
-    println!("rfork restart latency, {} crash→restart cycles each (µs)", r.restarts);
-    println!("{:<11} {:>7} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}", "design", "rss_mb", "mean", "sd", "p50", "p99", "min", "max");
+    println!(
+        "rfork restart latency, {} crash→restart cycles each (µs)",
+        r.restarts
+    );
+    println!(
+        "{:<11} {:>7} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}",
+        "design", "rss_mb", "mean", "sd", "p50", "p99", "min", "max"
+    );
     for row in &r.results {
         let s = row.s;
         println!(
@@ -96,8 +122,18 @@ fn print_table(r: &Report) {
             row.name, row.rss_mb, s.mean_us, s.sd_us, s.p50_us, s.p99_us, s.min_us, s.max_us
         );
     }
-    for &mb in &r.results.iter().map(|x| x.rss_mb).collect::<std::collections::BTreeSet<_>>() {
-        let p50 = |name| r.results.iter().find(|x| x.rss_mb == mb && x.name == name).map(|x| x.s.p50_us);
+    for &mb in &r
+        .results
+        .iter()
+        .map(|x| x.rss_mb)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let p50 = |name| {
+            r.results
+                .iter()
+                .find(|x| x.rss_mb == mb && x.name == name)
+                .map(|x| x.s.p50_us)
+        };
         if let (Some(m), Some(k), Some(b)) = (p50("monitor"), p50("kept_image"), p50("bare_fork")) {
             println!(
                 "{mb} MB: monitor/bare_fork p50 = {:.2}, kept_image/bare_fork = {:.2}, kept_image/monitor = {:.2}",
@@ -140,14 +176,21 @@ fn rfork_loop(design: Design, n: usize) -> anyhow::Result<Vec<u64>> {
     let shared = SharedAtomics::new(n + 1).context("shared page")?;
     let cfg = Config {
         design,
-        policy: Policy { restart: RestartOn::OnCrash, intensity: Intensity::UNLIMITED, backoff: None },
+        policy: Policy {
+            restart: RestartOn::OnCrash,
+            intensity: Intensity::UNLIMITED,
+            backoff: None,
+        },
         ..Config::default()
     };
     let s = rfork::spawn(&cfg, |w| {
         let now = monotonic_ns();
         let g = w.generation() as usize;
         if g > 1 {
-            shared.word(g - 1).store(now - shared.word(0).load(Ordering::Acquire), Ordering::Relaxed);
+            shared.word(g - 1).store(
+                now - shared.word(0).load(Ordering::Acquire),
+                Ordering::Relaxed,
+            );
         }
         if g > n {
             return 0;
@@ -164,7 +207,9 @@ fn rfork_loop(design: Design, n: usize) -> anyhow::Result<Vec<u64>> {
     if out.keeper != sys::process::ExitStatus::Exited(0) || out.gave_up() {
         bail!("{} benchmark child ended badly: {:?}", design.name(), out);
     }
-    Ok((1..=n).map(|i| shared.word(i).load(Ordering::Relaxed)).collect())
+    Ok((1..=n)
+        .map(|i| shared.word(i).load(Ordering::Relaxed))
+        .collect())
 }
 
 /// A small supervisor relaunching `kintsugi __bench-child` with fork+exec.
@@ -174,7 +219,9 @@ fn fork_exec(n: usize, mb: u32) -> anyhow::Result<Vec<u64>> {
     let mut death: Option<u64> = None;
     for _ in 0..=n {
         let mut cmd = Command::new(&exe);
-        cmd.args(["__bench-child", "--rss-mb", &mb.to_string()]).stdout(Stdio::piped()).stderr(Stdio::null());
+        cmd.args(["__bench-child", "--rss-mb", &mb.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         if let Some(d) = death {
             cmd.env("KINTSUGI_DEATH_NS", d.to_string());
         }
@@ -183,7 +230,10 @@ fn fork_exec(n: usize, mb: u32) -> anyhow::Result<Vec<u64>> {
         BufReader::new(child.stdout.take().context("child stdout")?).read_line(&mut line)?;
         child.wait()?;
         let mut it = line.split_whitespace();
-        let (lat, d) = (it.next().and_then(|x| x.parse::<u64>().ok()), it.next().and_then(|x| x.parse().ok()));
+        let (lat, d) = (
+            it.next().and_then(|x| x.parse::<u64>().ok()),
+            it.next().and_then(|x| x.parse().ok()),
+        );
         if death.is_some() {
             out.push(lat.context("bench child reported no latency")?);
         }
@@ -203,7 +253,10 @@ pub fn child(a: ChildArgs) -> anyhow::Result<ExitCode> {
     use std::io::Write;
     let ballast = touch(a.rss_mb);
     let now = monotonic_ns();
-    let lat = std::env::var("KINTSUGI_DEATH_NS").ok().and_then(|d| d.parse::<u64>().ok()).map_or(0, |d| now - d);
+    let lat = std::env::var("KINTSUGI_DEATH_NS")
+        .ok()
+        .and_then(|d| d.parse::<u64>().ok())
+        .map_or(0, |d| now - d);
     let mut out = std::io::stdout().lock();
     let death = monotonic_ns();
     writeln!(out, "{lat} {death}")?;

@@ -17,7 +17,14 @@ impl Summary {
     /// From nanosecond samples. An empty sample gives all zeros.
     pub fn from_ns(samples: &[u64]) -> Summary {
         if samples.is_empty() {
-            return Summary { mean_us: 0.0, sd_us: 0.0, p50_us: 0.0, p99_us: 0.0, min_us: 0.0, max_us: 0.0 };
+            return Summary {
+                mean_us: 0.0,
+                sd_us: 0.0,
+                p50_us: 0.0,
+                p99_us: 0.0,
+                min_us: 0.0,
+                max_us: 0.0,
+            };
         }
         let mut v: Vec<f64> = samples.iter().map(|&n| n as f64 / 1000.0).collect();
         v.sort_by(f64::total_cmp);

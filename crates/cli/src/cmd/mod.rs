@@ -1,5 +1,6 @@
 //! Subcommands other than `demo` and `bench`: one module each, `Args` + `run`.
 
+pub mod notify;
 pub mod run;
 pub mod watch;
 pub mod fsctl;

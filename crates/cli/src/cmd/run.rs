@@ -43,14 +43,16 @@ pub struct Args {
     pub stop_timeout: Duration,
     /// A child exiting with this status asks for a restart ("none" to disable).
     #[arg(long, default_value = "75", value_parser = parse_request_code)]
-    pub request_exit_code: Option<i32>,
+    pub request_exit_code: RequestCode,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
 }
 
 fn parse_restart(s: &str) -> Result<RestartOn, String> {
-    RestartOn::parse(s).ok_or_else(|| format!("unknown policy {s:?}: use on-crash, on-failure, always or on-request"))
+    RestartOn::parse(s).ok_or_else(|| {
+        format!("unknown policy {s:?}: use on-crash, on-failure, always or on-request")
+    })
 }
 
 fn parse_max(s: &str) -> Result<u32, String> {
@@ -58,24 +60,34 @@ fn parse_max(s: &str) -> Result<u32, String> {
         return Ok(u32::MAX);
     }
     match s.parse::<u32>() {
-        Ok(0) => Err("0 restarts would never restart: use --restart on-request, or at least 1".into()),
+        Ok(0) => {
+            Err("0 restarts would never restart: use --restart on-request, or at least 1".into())
+        }
         Ok(n) => Ok(n),
         Err(_) => Err(format!("{s:?} is not a count (or \"unlimited\")")),
     }
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 10s, 500ms or 2min: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 10s, 500ms or 2min: {e}"))
 }
 
-fn parse_request_code(s: &str) -> Result<Option<i32>, String> {
+/// The restart-request exit status, or none (a newtype: clap treats a bare `Option` field as
+/// "flag may be absent", not as a parsed value that may be "none").
+#[derive(Debug, Clone, Copy)]
+pub struct RequestCode(pub Option<i32>);
+
+fn parse_request_code(s: &str) -> Result<RequestCode, String> {
     if s == "none" {
-        return Ok(None);
+        return Ok(RequestCode(None));
     }
     match s.parse::<i32>() {
         Ok(0) => Err("exit status 0 means success; it cannot also mean \"restart me\"".into()),
-        Ok(n @ 1..=255) => Ok(Some(n)),
-        _ => Err(format!("{s:?} is not an exit status from 1 to 255 (or \"none\")")),
+        Ok(n @ 1..=255) => Ok(RequestCode(Some(n))),
+        _ => Err(format!(
+            "{s:?} is not an exit status from 1 to 255 (or \"none\")"
+        )),
     }
 }
 
@@ -91,32 +103,54 @@ fn config(a: &Args) -> anyhow::Result<RunConfig> {
     }
     let backoff = match a.backoff {
         Some(b) if b > a.backoff_max => {
-            bail!("--backoff {b:?} is longer than --backoff-max {:?}", a.backoff_max)
+            bail!(
+                "--backoff {b:?} is longer than --backoff-max {:?}",
+                a.backoff_max
+            )
         }
-        Some(initial) => Some(Backoff { initial, max: a.backoff_max, factor: 2 }),
+        Some(initial) => Some(Backoff {
+            initial,
+            max: a.backoff_max,
+            factor: 2,
+        }),
         None => None,
     };
     let intensity = if a.max_restarts == u32::MAX {
         Intensity::UNLIMITED
     } else {
-        Intensity { max_restarts: a.max_restarts, within: a.within }
+        Intensity {
+            max_restarts: a.max_restarts,
+            within: a.within,
+        }
     };
     Ok(RunConfig {
-        policy: Policy { restart: a.restart, intensity, backoff },
+        policy: Policy {
+            restart: a.restart,
+            intensity,
+            backoff,
+        },
         watchdog: a.watchdog,
         stop_timeout: a.stop_timeout,
-        request_exit_code: a.request_exit_code,
+        request_exit_code: a.request_exit_code.0,
     })
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let cfg = config(&a)?;
-    let (program, args) = a.command.split_first().context("no command given after --")?;
+    let (program, args) = a
+        .command
+        .split_first()
+        .context("no command given after --")?;
     let outcome = rfork::command::supervise(program, args, &cfg, |ev| {
         let pid = ev.pid.as_raw();
         let reason = ev.reason.to_string();
         match ev.kind {
-            EventKind::Started => tracing::info!(event = "started", pid, generation = ev.generation, "child started"),
+            EventKind::Started => tracing::info!(
+                event = "started",
+                pid,
+                generation = ev.generation,
+                "child started"
+            ),
             EventKind::Restarted => tracing::warn!(
                 event = "restarted",
                 pid,
@@ -125,7 +159,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 restarts_in_window = ev.restarts_in_window,
                 "child restarted"
             ),
-            EventKind::Removed => tracing::info!(event = "removed", pid, generation = ev.generation, reason, "child ended; not restarting"),
+            EventKind::Removed => tracing::info!(
+                event = "removed",
+                pid,
+                generation = ev.generation,
+                reason,
+                "child ended; not restarting"
+            ),
             EventKind::GaveUp => tracing::error!(
                 event = "gave_up",
                 pid,

@@ -396,6 +396,32 @@ impl ForkStorm {
     fn pids_path(&self, rel: &str) -> Option<PathBuf> {
         Some(self.pids_root.as_ref()?.join(rel.trim_start_matches('/')))
     }
+    /// Reads every watched pids cgroup's rejection counter; reports those that grew.
+    fn poll_pids(&mut self, now: Instant, source: &'static str, out: &mut Out) {
+        let mut found = Vec::new();
+        for (p, w) in self.pids.iter_mut() {
+            if let Some(new) = w.poll()
+                && new > 0
+            {
+                found.push((p.clone(), new));
+            }
+        }
+        for (p, new) in found {
+            let rel = cgroup::relative(&p);
+            if self.latch.fire(&format!("cgroup {rel}"), now) {
+                out.detections.push(
+                    Detection::new(
+                        FaultKind::ForkStorm,
+                        source,
+                        format!("cgroup {rel}"),
+                        format!("{new} forks rejected by pids.max since the last check"),
+                    )
+                    .with_cgroup(Some(p)),
+                );
+            }
+        }
+    }
+
     /// Re-lists the pids cgroups (on the tick, and when a new cgroup directory appears).
     pub fn rescan_pids(&mut self) {
         let Some(root) = self.pids_root.clone() else {
@@ -468,6 +494,12 @@ impl Detector for ForkStorm {
             return;
         }
         let rel = class.cgroup.clone().unwrap_or_default();
+        if rel.is_empty() {
+            // The kernel prints the path with pr_cont; when another CPU prints in between, the
+            // path lands in a record of its own. The counters say which cgroup it was.
+            self.poll_pids(now, "kmsg+pids_events", out);
+            return;
+        }
         if self.latch.fire(&format!("cgroup {rel}"), now) {
             out.detections.push(
                 Detection::new(
@@ -489,29 +521,7 @@ impl Detector for ForkStorm {
             self.last_rate = 0;
         }
         self.ticks += 1;
-        self.rescan_pids();
-        let mut found = Vec::new();
-        for (p, w) in self.pids.iter_mut() {
-            if let Some(new) = w.poll()
-                && new > 0
-            {
-                found.push((p.clone(), new));
-            }
-        }
-        for (p, new) in found {
-            let rel = cgroup::relative(&p);
-            if self.latch.fire(&format!("cgroup {rel}"), now) {
-                out.detections.push(
-                    Detection::new(
-                        FaultKind::ForkStorm,
-                        "pids_events",
-                        format!("cgroup {rel}"),
-                        format!("{new} forks rejected by pids.max since the last check"),
-                    )
-                    .with_cgroup(Some(p)),
-                );
-            }
-        }
+        self.poll_pids(now, "pids_events", out);
     }
 
     fn status(&self) -> Status {

@@ -76,8 +76,10 @@ pub fn classify(text: &str) -> Option<Class> {
             cgroup: None,
         });
     }
-    if let Some(i) = text.find("fork rejected by pids controller in ") {
-        let cg = text[i + "fork rejected by pids controller in ".len()..]
+    if let Some(i) = text.find("fork rejected by pids controller") {
+        let cg = text[i + "fork rejected by pids controller".len()..]
+            .trim_start()
+            .trim_start_matches("in")
             .trim()
             .to_string();
         return Some(Class {

@@ -34,6 +34,7 @@ pub enum WatchError {
 
 const TOKEN_KMSG: u64 = 1;
 const TOKEN_PROC: u64 = 2;
+const TOKEN_CGROUP_DIRS: u64 = 3;
 const TOKEN_PSI: u64 = 100; // + index
 const TOKEN_OOM: u64 = 1_000; // and up
 
@@ -97,6 +98,9 @@ pub struct Monitor {
     oom_paths: HashSet<PathBuf>,
     next_oom_token: u64,
     memory_root: Option<PathBuf>,
+    /// inotify on the v1 memory and pids hierarchies: a new cgroup gets its OOM eventfd and
+    /// pids counter the moment it is created, not at the next tick.
+    cgroup_dirs: Option<OwnedFd>,
     tasks: TaskTable,
     hung: HungTasks,
     driver: BlockedGrowth,
@@ -137,6 +141,7 @@ impl Monitor {
             oom_paths: HashSet::new(),
             next_oom_token: TOKEN_OOM,
             memory_root: cgroup::v1_hierarchy("memory"),
+            cgroup_dirs: None,
             metrics: Metrics::default(),
             sources: Vec::new(),
             degraded: Vec::new(),
@@ -205,8 +210,19 @@ impl Monitor {
                     .push("memcg OOM eventfds: no cgroup v1 memory hierarchy".into());
             }
         }
+        use rustix::fs::inotify;
+        match inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK) {
+            Ok(fd) => {
+                m.add(&fd, TOKEN_CGROUP_DIRS, epoll::EventFlags::IN);
+                m.cgroup_dirs = Some(fd);
+                m.sources.push("inotify:cgroup_dirs".into());
+            }
+            Err(e) => m.degraded.push(format!(
+                "inotify on cgroup directories: {e} (new cgroups are found every 30 ticks)"
+            )),
+        }
         m.sources.push(format!("timer:{}ms", m.cfg.tick_ms));
-        m.rescan_memcgs();
+        m.rescan_cgroups();
         m.tasks.rescan();
         Ok(m)
     }
@@ -219,6 +235,33 @@ impl Monitor {
         }
     }
 
+    fn watch_dirs(&self, dirs: &[PathBuf]) {
+        use rustix::fs::inotify;
+        let Some(fd) = &self.cgroup_dirs else { return };
+        for d in dirs {
+            // Idempotent for a directory already watched.
+            let _ = inotify::add_watch(
+                fd,
+                d.as_path(),
+                inotify::WatchFlags::CREATE | inotify::WatchFlags::ONLYDIR,
+            );
+        }
+    }
+
+    /// Finds new cgroups (OOM eventfds for memory cgroups, counters for pids cgroups) and
+    /// watches their directories for more.
+    fn rescan_cgroups(&mut self) {
+        if self.cfg.fork.enabled {
+            self.fork.rescan_pids();
+            if let Some(root) = cgroup::v1_hierarchy("pids") {
+                let mut dirs = cgroup::list(&root, 3);
+                dirs.push(root);
+                self.watch_dirs(&dirs);
+            }
+        }
+        self.rescan_memcgs();
+    }
+
     fn rescan_memcgs(&mut self) {
         let Some(root) = self.memory_root.clone() else {
             return;
@@ -226,7 +269,11 @@ impl Monitor {
         if !self.cfg.memory.enabled {
             return;
         }
-        for cg in cgroup::list(&root, 3) {
+        let all = cgroup::list(&root, 3);
+        let mut dirs = all.clone();
+        dirs.push(root);
+        self.watch_dirs(&dirs);
+        for cg in all {
             if self.oom_paths.contains(&cg) || self.ooms.len() >= 512 {
                 continue;
             }
@@ -349,6 +396,7 @@ impl Monitor {
         let mut sweep_at: Option<Instant> = None;
         let mut next_summary = opts.summary_every.map(|d| started + d);
         let mut events = Vec::with_capacity(64);
+        let mut ticks = 0u64;
         let mut out = Out::default();
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
@@ -388,6 +436,14 @@ impl Monitor {
                 match ev.data.u64() {
                     TOKEN_KMSG => self.drain_kmsg(now, &mut out),
                     TOKEN_PROC => self.drain_proc(now, &mut out),
+                    TOKEN_CGROUP_DIRS => {
+                        if let Some(fd) = &self.cgroup_dirs {
+                            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+                            let mut r = rustix::fs::inotify::Reader::new(fd, &mut buf);
+                            while r.next().is_ok() {}
+                        }
+                        self.rescan_cgroups();
+                    }
                     t if (TOKEN_PSI..TOKEN_OOM).contains(&t) => {
                         let i = (t - TOKEN_PSI) as usize;
                         if let Some(stall) = self.psi.get_mut(i).and_then(|p| p.confirm(now)) {
@@ -410,7 +466,12 @@ impl Monitor {
                     d.on_sweep(&s, now, periodic, &mut out);
                 }
                 if periodic {
-                    self.rescan_memcgs();
+                    ticks += 1;
+                    // inotify reports new cgroups at once; the slow rescan is a safety net
+                    // (and the only discovery when inotify is unavailable).
+                    if self.cgroup_dirs.is_none() || ticks.is_multiple_of(30) {
+                        self.rescan_cgroups();
+                    }
                     next_tick += tick;
                     if next_tick <= now {
                         next_tick = now + tick;

@@ -149,6 +149,10 @@ fn fork_bomb_in_a_pids_cgroup_is_detected_and_its_cgroup_killed() {
         })
         .expect("fork storm detected");
     let lat = ms_since(t, bomb.started_ns);
+    eprintln!(
+        "fork storm detected {lat:.1} ms after the bomb started ({})",
+        d.source
+    );
     assert!(
         lat < 1000.0,
         "fork storm detected after {lat:.0} ms ({d:?})"
@@ -185,6 +189,10 @@ fn memory_hog_in_a_memory_cgroup_is_detected_and_killed() {
         })
         .expect("memory exhaustion detected");
     let lat = ms_since(t, hog.started_ns);
+    eprintln!(
+        "memory exhaustion detected {lat:.1} ms after the hog started ({})",
+        d.source
+    );
     assert!(
         lat < 1000.0,
         "memory exhaustion detected after {lat:.0} ms ({d:?})"

@@ -298,9 +298,10 @@ impl Detector for BlockedGrowth {
             }
         }
         self.blocked_now = s.dstate.len();
-        if !s.dstate.is_empty() {
-            // While anything sits in D state, look four times as often: a pile-up grows from
-            // one blocked task, and its growth is what this detector reports.
+        if s.dstate.iter().any(|t| !self.prev.contains_key(&t.tid)) {
+            // A task entered D state since the last sweep: look again in 250 ms. A pile-up
+            // grows one blocked task at a time, and its growth is what this detector reports;
+            // tasks that stay blocked without company cost nothing extra.
             out.sweep_at(now + Duration::from_millis(250));
         }
         for (wchan, (total, stuck, tids)) in &groups {

@@ -35,6 +35,9 @@ pub enum WatchError {
 const TOKEN_KMSG: u64 = 1;
 const TOKEN_PROC: u64 = 2;
 const TOKEN_CGROUP_DIRS: u64 = 3;
+/// Fork-rate detection tolerates this much extra latency; fork storms also arrive at once
+/// through the pids controller's kmsg line.
+const PROC_BATCH: Duration = Duration::from_millis(100);
 const TOKEN_PSI: u64 = 100; // + index
 const TOKEN_OOM: u64 = 1_000; // and up
 
@@ -165,7 +168,11 @@ impl Monitor {
         }
         match ProcConnector::open(8 << 20, false) {
             Ok(p) => {
-                m.add(&p, TOKEN_PROC, epoll::EventFlags::IN);
+                m.add(
+                    &p,
+                    TOKEN_PROC,
+                    epoll::EventFlags::IN | epoll::EventFlags::ONESHOT,
+                );
                 m.proc = Some(p);
                 m.sources.push("proc_connector".into());
             }
@@ -394,6 +401,9 @@ impl Monitor {
         let tick = Duration::from_millis(self.cfg.tick_ms);
         let mut next_tick = started;
         let mut sweep_at: Option<Instant> = None;
+        // Proc-connector batching: after a drain the socket is re-armed PROC_BATCH later, so a
+        // busy machine costs one wakeup per batch rather than one per fork.
+        let mut proc_rearm_at: Option<Instant> = None;
         let mut next_summary = opts.summary_every.map(|d| started + d);
         let mut events = Vec::with_capacity(64);
         let mut ticks = 0u64;
@@ -409,6 +419,7 @@ impl Monitor {
                 self.heartbeat.deadline(),
                 next_summary,
                 opts.until,
+                proc_rearm_at,
             ]
             .into_iter()
             .flatten()
@@ -435,7 +446,10 @@ impl Monitor {
             for ev in &events {
                 match ev.data.u64() {
                     TOKEN_KMSG => self.drain_kmsg(now, &mut out),
-                    TOKEN_PROC => self.drain_proc(now, &mut out),
+                    TOKEN_PROC => {
+                        self.drain_proc(now, &mut out);
+                        proc_rearm_at = Some(now + PROC_BATCH);
+                    }
                     TOKEN_CGROUP_DIRS => {
                         if let Some(fd) = &self.cgroup_dirs {
                             let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
@@ -454,6 +468,17 @@ impl Monitor {
                         }
                     }
                     t => self.on_oom_ready(t, &mut out),
+                }
+            }
+            if proc_rearm_at.is_some_and(|t| now >= t) {
+                proc_rearm_at = None;
+                // Events queued meanwhile make the fd ready at once after re-arming.
+                if let Some(p) = &self.proc {
+                    let flags = epoll::EventFlags::IN | epoll::EventFlags::ONESHOT;
+                    let data = epoll::EventData::new_u64(TOKEN_PROC);
+                    if let Err(e) = epoll::modify(&self.epoll, p, data, flags) {
+                        tracing::warn!(error = %e, "cannot re-arm the proc connector");
+                    }
                 }
             }
             let periodic = now >= next_tick;

@@ -238,8 +238,45 @@ impl Drop for Target {
     }
 }
 
+/// Level-4 crash recovery: module SIGKILLed during a write → rollback → restart → the retried
+/// write answered, as the host measured it (`last_recovery_us`), over `n` crashes.
+fn recovery(dir: &Path, n: usize) -> Result<Vec<f64>, HostError> {
+    let p = dir.join("recovery");
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        crate::mount::inject(
+            dir,
+            crate::pm::Fault::Kill,
+            Some(crate::wire::OpClass::Write),
+        )?;
+        std::fs::write(&p, [i as u8; 8192]).map_err(io("write across a module crash", &p))?;
+        let s = crate::mount::status(dir)?;
+        v.push(s["last_recovery_us"].as_f64().unwrap_or(0.0));
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v)
+}
+
+/// Median and p99 (µs) of level-4 crash recovery, beside the benchmark rows.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Recovery {
+    pub median_us: f64,
+    pub p99_us: f64,
+    pub crashes: usize,
+}
+
 /// Runs every workload on every file system. Progress goes to `progress`.
-pub fn run(opts: &Opts, mut progress: impl FnMut(&str)) -> Result<Vec<Row>, HostError> {
+pub fn run(opts: &Opts, progress: impl FnMut(&str)) -> Result<Vec<Row>, HostError> {
+    run_with_recovery(opts, 0, progress).map(|(rows, _)| rows)
+}
+
+/// [`run`], plus `crashes` measured level-4 recoveries (0: none).
+pub fn run_with_recovery(
+    opts: &Opts,
+    crashes: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<(Vec<Row>, Option<Recovery>), HostError> {
+    let mut rec = None;
     let base = std::env::temp_dir().join(format!("kintsugi-bench-fs-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(io("mkdir", &base))?;
     let systems: [(&'static str, Option<u8>); 4] = [
@@ -274,6 +311,14 @@ pub fn run(opts: &Opts, mut progress: impl FnMut(&str)) -> Result<Vec<Row>, Host
                 ratio_to_level5: None,
             });
         }
+        if level == Some(4) && crashes > 0 {
+            let v = recovery(&t.dir, crashes)?;
+            rec = Some(Recovery {
+                median_us: pct(&v, 0.5),
+                p99_us: pct(&v, 0.99),
+                crashes,
+            });
+        }
         drop(t);
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -289,5 +334,5 @@ pub fn run(opts: &Opts, mut progress: impl FnMut(&str)) -> Result<Vec<Row>, Host
                 .map(|m| (r.median_us / m * 1000.0).round() / 1000.0);
         }
     }
-    Ok(rows)
+    Ok((rows, rec))
 }

@@ -9,7 +9,7 @@
 //! - blocks 1..=itable_blocks: the inode table, 128-byte inodes, inode number = index + 1
 //!   (so the root is 1, as FUSE wants); mode 0 marks a free inode;
 //! - every other block is handed out by the host (`get_next_blk`): file data, directory
-//!   blocks, and pointer blocks (5 direct pointers, one indirect, one double indirect; 0 is a
+//!   blocks, and pointer blocks (4 direct pointers, one indirect, one double, one triple indirect; 0 is a
 //!   hole, which is how sparse files work);
 //! - a directory's data is an array of 272-byte entries (ino, kind, name length, name); ino 0
 //!   is a free slot. `.` and `..` are not stored: a directory keeps its parent in `rdev`.
@@ -27,7 +27,7 @@ use fsapi::{
 const MAGIC: u64 = 0x534d_4653_0000_0001; // "SMFS" v1
 const VERSION: u32 = 1;
 const INODE_SIZE: usize = 128;
-const NDIRECT: usize = 5;
+const NDIRECT: usize = 4;
 const DIRENT_SIZE: usize = 272;
 const NAME_MAX: usize = 255;
 const LINK_MAX: u32 = 32_000;
@@ -70,8 +70,8 @@ struct Inode {
     generation: u32,
     /// Data and pointer blocks allocated, for st_blocks.
     nblk: u32,
-    /// 5 direct, then indirect, then double indirect.
-    ptr: [u64; NDIRECT + 2],
+    /// 4 direct, then indirect, double and triple indirect.
+    ptr: [u64; NDIRECT + 3],
 }
 
 fn get_u32(b: &[u8], o: usize) -> u32 {
@@ -93,7 +93,7 @@ impl Inode {
             sec: get_u64(b, s) as i64,
             nsec: get_u32(b, n),
         };
-        let mut ptr = [0u64; NDIRECT + 2];
+        let mut ptr = [0u64; NDIRECT + 3];
         for (i, p) in ptr.iter_mut().enumerate() {
             *p = get_u64(b, 72 + 8 * i);
         }
@@ -317,6 +317,12 @@ impl Smfs {
         }
     }
 
+    /// Largest file, in blocks (4 KiB blocks: about 512 GiB).
+    fn max_blocks(&self) -> FsResult<u64> {
+        let per = self.per_ptr()?;
+        Ok(NDIRECT as u64 + per + per * per + per * per * per)
+    }
+
     fn per_ptr(&self) -> FsResult<u64> {
         Ok((self.geo()?.bs / 8) as u64)
     }
@@ -337,13 +343,17 @@ impl Smfs {
     /// `Ok(None)` is a hole.
     fn bmap(&self, pm: &mut dyn Pm, i: &mut Inode, lbn: u64, alloc: bool) -> FsResult<Option<u64>> {
         let per = self.per_ptr()?;
-        let (root_idx, path): (usize, Vec<u64>) = if lbn < NDIRECT as u64 {
+        let nd = NDIRECT as u64;
+        let (root_idx, path): (usize, Vec<u64>) = if lbn < nd {
             (lbn as usize, vec![])
-        } else if lbn < NDIRECT as u64 + per {
-            (NDIRECT, vec![lbn - NDIRECT as u64])
-        } else if lbn < NDIRECT as u64 + per + per * per {
-            let r = lbn - NDIRECT as u64 - per;
+        } else if lbn - nd < per {
+            (NDIRECT, vec![lbn - nd])
+        } else if lbn - nd - per < per * per {
+            let r = lbn - nd - per;
             (NDIRECT + 1, vec![r / per, r % per])
+        } else if lbn - nd - per - per * per < per * per * per {
+            let r = lbn - nd - per - per * per;
+            (NDIRECT + 2, vec![r / (per * per), (r / per) % per, r % per])
         } else {
             return Err(Errno::EFBIG);
         };
@@ -415,9 +425,11 @@ impl Smfs {
     /// Frees every data block at logical index `from` or beyond.
     fn trunc_blocks(&self, pm: &mut dyn Pm, i: &mut Inode, from: u64) -> FsResult<()> {
         let per = self.per_ptr()?;
+        let nd = NDIRECT as u64;
         let roots = [
-            (NDIRECT, 1u32, NDIRECT as u64),
-            (NDIRECT + 1, 2u32, NDIRECT as u64 + per),
+            (NDIRECT, 1u32, nd),
+            (NDIRECT + 1, 2u32, nd + per),
+            (NDIRECT + 2, 3u32, nd + per + per * per),
         ];
         for d in 0..NDIRECT {
             if d as u64 >= from && i.ptr[d] != 0 && self.trunc_tree(pm, i, i.ptr[d], 0, 0)? {
@@ -437,7 +449,7 @@ impl Smfs {
     /// a later extension reads zeros.
     fn set_size(&self, pm: &mut dyn Pm, i: &mut Inode, size: u64) -> FsResult<()> {
         let bs = self.geo()?.bs as u64;
-        let max = (NDIRECT as u64 + self.per_ptr()? + self.per_ptr()?.pow(2)) * bs;
+        let max = self.max_blocks()? * bs;
         if size > max {
             return Err(Errno::EFBIG);
         }
@@ -484,7 +496,7 @@ impl Smfs {
     fn write_data(&self, pm: &mut dyn Pm, i: &mut Inode, offset: u64, data: &[u8]) -> FsResult<()> {
         let bs = self.geo()?.bs as u64;
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
-        let max = (NDIRECT as u64 + self.per_ptr()? + self.per_ptr()?.pow(2)) * bs;
+        let max = self.max_blocks()? * bs;
         if end > max {
             return Err(Errno::EFBIG);
         }

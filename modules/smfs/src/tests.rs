@@ -182,3 +182,30 @@ fn many_entries_span_directory_blocks() {
     }
     assert_eq!(seen, 52);
 }
+
+#[test]
+fn files_beyond_2gib_use_the_triple_indirect_block() {
+    let (mut fs, mut pm) = fresh();
+    let (a, fh) = fs
+        .create(&mut pm, &C, Ino::ROOT, b"big", 0o644, 0, 0)
+        .unwrap();
+    let before = pm.free_blocks();
+    fs.write(&mut pm, a.ino, fh, 3 << 30, b"far").unwrap();
+    assert_eq!(fs.read(&mut pm, a.ino, fh, 3 << 30, 10).unwrap(), b"far");
+    assert_eq!(fs.getattr(&mut pm, a.ino).unwrap().size, (3 << 30) + 3);
+    fs.setattr(
+        &mut pm,
+        &C,
+        a.ino,
+        &SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        pm.free_blocks(),
+        before,
+        "truncate freed every pointer block"
+    );
+}

@@ -13,14 +13,17 @@
 //!   (SIGTERM to the group, SIGKILL after the stop timeout) and end supervision.
 //! - **Restart requests**: the program exits with [`RunConfig::request_exit_code`] (75,
 //!   EX_TEMPFAIL, by default), what `rfork::request_restart()` does outside an rfork worker.
+//! - **Fast, leak-free spawning**: `sys::spawn` (vfork-style clone + exec) sets the process group
+//!   and PR_SET_PDEATHSIG without copying the supervisor's page tables, so a SIGKILLed
+//!   supervisor still takes its child with it.
 //! - No start throttle: a crash loop restarts at fork+exec speed until the intensity limit,
 //!   unlike runit/daemontools' hard-coded one restart per second (use [`crate::Backoff`]).
 
-use std::ffi::OsString;
+use std::ffi::{CStr, CString, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -218,24 +221,42 @@ pub fn supervise(
     let watchdog_ns = cfg.watchdog.map(|d| d.as_nanos() as u64);
     let stop_ns = cfg.stop_timeout.as_nanos() as u64;
 
+    // argv and the fixed part of the environment are built once; only the generation changes.
+    let cstr = |b: &[u8]| {
+        CString::new(b).map_err(|_| CommandError::Setup {
+            what: "argument with a NUL byte",
+            source: io::ErrorKind::InvalidInput.into(),
+        })
+    };
+    let c_path = cstr(path.as_os_str().as_bytes())?;
+    let argv = std::iter::once(program)
+        .chain(args)
+        .map(|a| cstr(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let notify_path = cstr(notify.path.as_os_str().as_bytes())?;
+    let watchdog_usec = cfg
+        .watchdog
+        .map(|w| CString::new(w.as_micros().to_string()).expect("digits"));
     let spawn = |generation: u32| -> Result<Child, CommandError> {
-        let mut cmd = std::process::Command::new(&path);
-        cmd.arg0(program)
-            .args(args)
-            .process_group(0)
-            .env("NOTIFY_SOCKET", &notify.path);
-        cmd.env("KINTSUGI_GENERATION", generation.to_string());
-        match cfg.watchdog {
-            Some(w) => cmd.env("WATCHDOG_USEC", w.as_micros().to_string()),
-            None => cmd.env_remove("WATCHDOG_USEC"),
+        let gen_str = CString::new(generation.to_string()).expect("digits");
+        let mut set: Vec<(&str, &CStr)> = vec![
+            ("NOTIFY_SOCKET", &notify_path),
+            ("KINTSUGI_GENERATION", &gen_str),
+        ];
+        if let Some(w) = &watchdog_usec {
+            set.push(("WATCHDOG_USEC", w));
+        }
+        let spec = sys::spawn::SpawnSpec {
+            path: c_path.clone(),
+            argv: argv.clone(),
+            envp: sys::spawn::environment(&set, &["WATCHDOG_USEC", "WATCHDOG_PID"]),
+            new_process_group: true,
+            parent_death_signal: Some(libc::SIGKILL),
         };
-        process::command_parent_death_signal(&mut cmd, libc::SIGKILL);
-        let child = cmd.spawn().map_err(|source| CommandError::Spawn {
+        let pid = sys::spawn::spawn(&spec).map_err(|source| CommandError::Spawn {
             program: path.clone(),
             source,
         })?;
-        let pid = Pid::from_raw(child.id() as i32).expect("a spawned child has a positive pid");
-        // std's Child is dropped without wait: reaping is done through the pidfd.
         let pidfd = PidFd::open(pid).map_err(setup("pidfd_open"))?;
         let now = monotonic_ns();
         Ok(Child {

@@ -25,6 +25,7 @@ pub mod remote_mem;
 pub mod seccomp;
 pub mod shm;
 pub mod signal;
+pub mod spawn;
 pub mod uffd;
 
 pub use process::Pid;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 pub mod fs;
 pub mod rfork;
+pub mod run;
 pub mod stats;
 pub mod watch;
 
@@ -14,6 +15,8 @@ pub enum Bench {
     Fs(fs::Args),
     /// rfork restart latency, both designs, beside bare fork and fork+exec.
     Rfork(rfork::Args),
+    /// `kintsugi run` restart latency against runit's runsv and daemontools' supervise.
+    Run(run::Args),
     /// kintsugi watch: monitor CPU cost beside /proc polling, and detection latency per fault.
     Watch(watch::Args),
 }
@@ -22,6 +25,7 @@ pub fn run(b: Bench) -> anyhow::Result<ExitCode> {
     match b {
         Bench::Fs(a) => fs::run(a),
         Bench::Rfork(a) => rfork::run(a),
+        Bench::Run(a) => run::run(a),
         Bench::Watch(a) => watch::run(a),
     }
 }

@@ -27,7 +27,10 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives one level below the root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the root")
+        .to_path_buf()
 }
 
 fn test(filters: &[String]) -> Result<()> {
@@ -35,10 +38,20 @@ fn test(filters: &[String]) -> Result<()> {
     let t0 = Instant::now();
     install_packages(&root)?;
     ensure_nextest()?;
-    step("fmt", Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "fmt",
+        Command::new("cargo").args(["fmt", "--all", "--", "--check"]),
+    )?;
     step(
         "clippy",
-        Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        Command::new("cargo").args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
     // Tests run in release-ish speed? No: debug keeps compile time low on two cores; benches
     // (not tests) measure speed.
@@ -47,7 +60,10 @@ fn test(filters: &[String]) -> Result<()> {
     let filters: Vec<&String> = filters.iter().filter(|f| f.as_str() != "--").collect();
     nextest.args(filters);
     step("nextest", &mut nextest)?;
-    step("doctests", Command::new("cargo").args(["test", "--workspace", "--doc"]))?;
+    step(
+        "doctests",
+        Command::new("cargo").args(["test", "--workspace", "--doc"]),
+    )?;
     eprintln!("xtask: all checks passed in {:.0?}", t0.elapsed());
     Ok(())
 }
@@ -55,7 +71,9 @@ fn test(filters: &[String]) -> Result<()> {
 fn step(name: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: == {name}: {cmd:?}");
     let t = Instant::now();
-    let status = cmd.status().with_context(|| format!("cannot start {name}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {name}"))?;
     if !status.success() {
         bail!("{name} failed ({status}) after {:.1?}", t.elapsed());
     }
@@ -70,19 +88,29 @@ fn have(probe: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(probe).is_file()))
         .unwrap_or(false)
-        || ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().any(|d| Path::new(d).join(probe).is_file())
+        || ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(probe).is_file())
 }
 
 /// Reads xtask/packages.txt and apt-get installs what is missing. Only root can install; a
 /// non-root run with everything present is fine, with something missing is a clear error.
 fn install_packages(root: &Path) -> Result<()> {
     let list = root.join("xtask/packages.txt");
-    let text = std::fs::read_to_string(&list).with_context(|| format!("cannot read {}", list.display()))?;
+    let text = std::fs::read_to_string(&list)
+        .with_context(|| format!("cannot read {}", list.display()))?;
     let mut missing = Vec::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let mut it = line.split_whitespace();
         let (Some(probe), Some(pkg)) = (it.next(), it.next()) else {
-            bail!("{}: malformed line {line:?}: want '<command> <package>'", list.display());
+            bail!(
+                "{}: malformed line {line:?}: want '<command> <package>'",
+                list.display()
+            );
         };
         if !have(probe) && !missing.contains(&pkg.to_string()) {
             missing.push(pkg.to_string());
@@ -96,7 +124,10 @@ fn install_packages(root: &Path) -> Result<()> {
         bail!("missing packages {missing:?} and not root: install them with apt-get and retry");
     }
     let env = [("DEBIAN_FRONTEND", "noninteractive")];
-    step("apt-get update", Command::new("apt-get").args(["update", "-qq"]).envs(env))?;
+    step(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]).envs(env),
+    )?;
     step(
         "apt-get install",
         Command::new("apt-get")
@@ -116,9 +147,15 @@ fn rustix_is_root() -> bool {
 }
 
 fn ensure_nextest() -> Result<()> {
-    let ok = Command::new("cargo").args(["nextest", "--version"]).output().map(|o| o.status.success());
+    let ok = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success());
     if matches!(ok, Ok(true)) {
         return Ok(());
     }
-    step("install cargo-nextest", Command::new("cargo").args(["install", "--locked", "cargo-nextest"]))
+    step(
+        "install cargo-nextest",
+        Command::new("cargo").args(["install", "--locked", "cargo-nextest"]),
+    )
 }

@@ -15,7 +15,9 @@ pub fn init(format: Format, verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // try_init: tests may call into the CLI twice in one process.
     let _ = match format {
         Format::Text => builder.with_target(false).try_init(),

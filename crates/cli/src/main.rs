@@ -16,7 +16,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "kintsugi", version, about = "Keep Linux applications alive through failures.")]
+#[command(
+    name = "kintsugi",
+    version,
+    about = "Keep Linux applications alive through failures."
+)]
 struct Cli {
     /// Log format for structured events on stderr.
     #[arg(long, global = true, value_enum, default_value_t = logging::Format::Text)]

@@ -77,11 +77,18 @@ pub extern "C" fn rfork_rfork(
     let intensity = if max_restarts == 0 {
         Intensity::UNLIMITED
     } else {
-        Intensity { max_restarts, within: Duration::from_millis(u64::from(within_ms)) }
+        Intensity {
+            max_restarts,
+            within: Duration::from_millis(u64::from(within_ms)),
+        }
     };
     let cfg = Config {
         design,
-        policy: Policy { restart, intensity, backoff: None },
+        policy: Policy {
+            restart,
+            intensity,
+            backoff: None,
+        },
         watchdog: (watchdog_ms > 0).then(|| Duration::from_millis(u64::from(watchdog_ms))),
         notify_signal: (notify_signal > 0).then_some(notify_signal),
         ..Config::default()
@@ -94,9 +101,13 @@ pub extern "C" fn rfork_rfork(
         }
         Ok(Forked::Child(_)) => {
             // A child inherits the parent's table of handles: they are not its children.
-            CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).drain(..).for_each(|s| {
-                s.detach();
-            });
+            CHILDREN
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+                .for_each(|s| {
+                    s.detach();
+                });
             0
         }
         Err(e) => errno(&e),
@@ -127,7 +138,10 @@ pub extern "C" fn rfork_shutdown(keeper: c_int) -> c_int {
     finish(keeper, Supervised::shutdown)
 }
 
-fn finish(keeper: c_int, f: impl FnOnce(Supervised) -> Result<rfork::Outcome, rfork::Error>) -> c_int {
+fn finish(
+    keeper: c_int,
+    f: impl FnOnce(Supervised) -> Result<rfork::Outcome, rfork::Error>,
+) -> c_int {
     let Some(s) = take(keeper) else { return -10 }; // ECHILD
     match f(s) {
         Ok(o) => {

@@ -7,7 +7,10 @@ use std::process::Command;
 fn lib_dir() -> PathBuf {
     // target/<profile>/deps/c_abi-… → target/<profile>
     let exe = std::env::current_exe().expect("test exe");
-    exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .to_path_buf()
 }
 
 fn build_example() -> PathBuf {
@@ -18,12 +21,21 @@ fn build_example() -> PathBuf {
     let target = dir.parent().expect("profile dir has a parent");
     let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
     let mut cargo = Command::new(env!("CARGO"));
-    cargo.args(["build", "--quiet", "-p", "rfork-capi", "--lib"]).env("CARGO_TARGET_DIR", target);
+    cargo
+        .args(["build", "--quiet", "-p", "rfork-capi", "--lib"])
+        .env("CARGO_TARGET_DIR", target);
     if profile == "release" {
         cargo.arg("--release");
     }
-    assert!(cargo.status().expect("cargo").success(), "building librfork.so failed");
-    assert!(dir.join("librfork.so").exists(), "librfork.so not built in {}", dir.display());
+    assert!(
+        cargo.status().expect("cargo").success(),
+        "building librfork.so failed"
+    );
+    assert!(
+        dir.join("librfork.so").exists(),
+        "librfork.so not built in {}",
+        dir.display()
+    );
     let out = std::env::temp_dir().join(format!("rfork-c-example-{}", std::process::id()));
     let st = Command::new("cc")
         .arg(manifest.join("tests/c/restart_example.c"))
@@ -45,9 +57,16 @@ fn build_example() -> PathBuf {
 fn c_program_restarts_from_rfork_time_state_in_both_designs() {
     let exe = build_example();
     for design in ["0", "1"] {
-        let out = Command::new(&exe).arg(design).output().expect("run example");
+        let out = Command::new(&exe)
+            .arg(design)
+            .output()
+            .expect("run example");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "design {design}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "design {design}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(
             lines,

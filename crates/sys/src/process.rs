@@ -326,7 +326,14 @@ pub fn spawn_mm_anchor() -> io::Result<Pid> {
         // and the kernel reads full 64-bit registers, so 32-bit ints could carry garbage.
         unsafe {
             let pdeathsig: libc::c_long = libc::PR_SET_PDEATHSIG as libc::c_long;
-            libc::syscall(libc::SYS_prctl, pdeathsig, libc::SIGKILL as libc::c_long, 0 as libc::c_long, 0 as libc::c_long, 0 as libc::c_long);
+            libc::syscall(
+                libc::SYS_prctl,
+                pdeathsig,
+                libc::SIGKILL as libc::c_long,
+                0 as libc::c_long,
+                0 as libc::c_long,
+                0 as libc::c_long,
+            );
             // The parent may have died before prctl took effect: then nobody would kill us.
             if libc::syscall(libc::SYS_getppid) != expected_parent as libc::c_long {
                 libc::syscall(libc::SYS_exit, 0 as libc::c_long);
@@ -359,7 +366,12 @@ pub fn spawn_mm_anchor() -> io::Result<Pid> {
         let top = stack.cast::<u8>().add(ANCHOR_STACK).cast::<libc::c_void>();
         // The anchor's parent is our parent (CLONE_PARENT); it checks that against this value.
         let parent = libc::getppid() as usize as *mut libc::c_void;
-        let pid = libc::clone(anchor_main, top, libc::CLONE_VM | libc::CLONE_PARENT, parent);
+        let pid = libc::clone(
+            anchor_main,
+            top,
+            libc::CLONE_VM | libc::CLONE_PARENT,
+            parent,
+        );
         let err = io::Error::last_os_error();
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         if pid == -1 {

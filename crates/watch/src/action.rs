@@ -11,7 +11,7 @@ use sys::Pid;
 
 use crate::cgroup;
 use crate::config::{self, ActionKind, glob_match};
-use crate::event::{ActionRecord, Detection};
+use crate::event::{ActionRecord, Detection, FaultKind};
 
 #[derive(Debug)]
 struct RunningHook {
@@ -20,12 +20,34 @@ struct RunningHook {
     record: ActionRecord,
 }
 
+/// An in-process action: what a program embedding the monitor does about a fault, e.g.
+/// `rfork::Supervised::restart` on its rforked worker. Returns what it did, or why it failed.
+pub type Callback = Box<dyn FnMut(&Detection) -> Result<String, String> + Send>;
+
+struct CallbackAction {
+    name: &'static str,
+    on: Vec<FaultKind>,
+    cooldown: Duration,
+    last: Option<Instant>,
+    f: Callback,
+}
+
+impl std::fmt::Debug for CallbackAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackAction")
+            .field("name", &self.name)
+            .field("on", &self.on)
+            .finish()
+    }
+}
+
 /// The configured actions and the hooks still running.
 #[derive(Debug)]
 pub struct Actions {
     cfgs: Vec<config::Action>,
     last: Vec<Option<Instant>>,
     hooks: Vec<RunningHook>,
+    callbacks: Vec<CallbackAction>,
 }
 
 fn kind_name(k: ActionKind) -> &'static str {
@@ -42,11 +64,47 @@ impl Actions {
             cfgs: cfgs.to_vec(),
             last: vec![None; cfgs.len()],
             hooks: Vec::new(),
+            callbacks: Vec::new(),
         }
+    }
+
+    /// Adds an in-process action named `name` (the `action` field of its records) for the
+    /// `on` faults, run at most once per `cooldown`.
+    pub fn add_callback(
+        &mut self,
+        name: &'static str,
+        on: &[FaultKind],
+        cooldown: Duration,
+        f: Callback,
+    ) {
+        self.callbacks.push(CallbackAction {
+            name,
+            on: on.to_vec(),
+            cooldown,
+            last: None,
+            f,
+        });
     }
 
     /// Runs every action configured for `d`'s fault (outside its cooldown).
     pub fn on_detection(&mut self, d: &Detection, now: Instant, out: &mut Vec<ActionRecord>) {
+        for c in &mut self.callbacks {
+            if !c.on.contains(&d.fault)
+                || c.last.is_some_and(|t| now.duration_since(t) < c.cooldown)
+            {
+                continue;
+            }
+            c.last = Some(now);
+            let r = (c.f)(d);
+            out.push(ActionRecord {
+                action: c.name,
+                fault: d.fault,
+                subject: d.subject.clone(),
+                target: "in-process".into(),
+                ok: r.is_ok(),
+                detail: r.unwrap_or_else(|e| e),
+            });
+        }
         for i in 0..self.cfgs.len() {
             let cfg = &self.cfgs[i];
             if !cfg.on.contains(&d.fault) {
@@ -225,7 +283,6 @@ fn spawn_hook(cfg: &config::Action, d: &Detection, rec: &mut ActionRecord) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::FaultKind;
 
     fn action(kind: ActionKind) -> config::Action {
         config::Action {

@@ -294,6 +294,18 @@ impl Monitor {
         }
     }
 
+    /// Adds an in-process recovery action, e.g. restarting an rforked worker through its
+    /// `rfork::Supervised` handle when its heartbeat stops. See [`Actions::add_callback`].
+    pub fn add_callback_action(
+        &mut self,
+        name: &'static str,
+        on: &[crate::event::FaultKind],
+        cooldown: Duration,
+        f: crate::action::Callback,
+    ) {
+        self.actions.add_callback(name, on, cooldown, f);
+    }
+
     /// Kernel interfaces in use, and those that could not be opened (with the reason).
     pub fn sources(&self) -> (&[String], &[String]) {
         (&self.sources, &self.degraded)

@@ -24,11 +24,16 @@ struct Harness {
 
 impl Harness {
     fn start(cfg: Config) -> Harness {
+        Harness::start_with(cfg, |_| {})
+    }
+
+    fn start_with(cfg: Config, setup: impl FnOnce(&mut Monitor) + Send + 'static) -> Harness {
         let (tx, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let handle = std::thread::spawn(move || {
             let mut m = Monitor::new(cfg).expect("monitor starts");
+            setup(&mut m);
             // Bounded even if the test thread dies before setting the flag.
             let opts = RunOptions {
                 until: Some(Instant::now() + Duration::from_secs(60)),
@@ -355,4 +360,97 @@ fn unanswering_fuse_daemon_piles_up_readers_and_is_detected_and_restarted() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(left, 0, "readers still blocked after the daemon was killed");
+}
+
+#[test]
+fn stopped_rfork_worker_is_restarted_through_its_supervised_handle() {
+    let dir = std::env::temp_dir().join(faults::unique("kintsugi-watch-rfork"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let beat = dir.join("beat");
+    let gens = dir.join("generations");
+    let (b, g) = (beat.clone(), gens.clone());
+    // Every generation beats ten times, 50 ms apart, then hangs: only a restart revives it.
+    let sup = rfork::spawn(&rfork::Config::default(), move |_w| {
+        use std::io::Write;
+        let me = std::process::id();
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&g)
+        {
+            let _ = writeln!(f, "{me}");
+        }
+        for i in 0..10 {
+            let _ = std::fs::write(&b, format!("{i}-{me}"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    })
+    .expect("rfork::spawn");
+    let t = Instant::now();
+    while !beat.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the worker never beat"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sup = Arc::new(std::sync::Mutex::new(Some(sup)));
+    let handle = sup.clone();
+    let mut cfg = quiet_config();
+    cfg.heartbeat.push(config::Heartbeat {
+        name: "worker".into(),
+        path: beat.clone(),
+        timeout_ms: 1000,
+    });
+    let mut h = Harness::start_with(cfg, move |m| {
+        m.add_callback_action(
+            "rfork_restart",
+            &[FaultKind::Heartbeat],
+            Duration::from_secs(2),
+            Box::new(move |_d| {
+                let g = handle.lock().map_err(|_| "handle poisoned".to_string())?;
+                let s = g.as_ref().ok_or("no handle")?;
+                s.restart().map_err(|e| e.to_string())?;
+                Ok(format!("asked keeper {} for a restart", s.keeper_pid()))
+            }),
+        );
+    });
+    h.detection(FaultKind::Heartbeat, Duration::from_secs(5), |d| {
+        d.subject == "heartbeat worker"
+    })
+    .expect("the hung worker's heartbeat loss detected");
+    let a = h
+        .action("rfork_restart", Duration::from_secs(2))
+        .expect("restart action ran");
+    assert!(a.ok, "{a:?}");
+    // The new generation beats again: the monitor reports the recovery.
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut recovered = false;
+    while !recovered {
+        let left = end
+            .checked_duration_since(Instant::now())
+            .expect("recovery reported in time");
+        if let Ok(Event::Recovered {
+            fault: FaultKind::Heartbeat,
+            ..
+        }) = h.rx.recv_timeout(left)
+        {
+            recovered = true;
+        }
+    }
+    drop(h);
+    let generations = std::fs::read_to_string(&gens)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let sup = sup.lock().unwrap().take().expect("handle");
+    let _ = sup.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        generations >= 2,
+        "no new generation after the restart ({generations})"
+    );
 }

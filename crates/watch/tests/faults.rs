@@ -454,3 +454,37 @@ fn stopped_rfork_worker_is_restarted_through_its_supervised_handle() {
         "no new generation after the restart ({generations})"
     );
 }
+
+#[test]
+fn kernel_oops_lines_are_reported_and_user_forgeries_are_not() {
+    // A real lockup or oops cannot be caused safely, so the line is written into /dev/kmsg
+    // from user space. The kernel stamps such records with the user facility: the default
+    // monitor must ignore them (anyone able to write /dev/kmsg could otherwise trigger its
+    // actions); one configured with accept_user_messages classifies them like kernel lines.
+    let mut strict = Harness::start(quiet_config());
+    let mut cfg = quiet_config();
+    cfg.kernel.accept_user_messages = true;
+    let mut trusting = Harness::start(cfg);
+    let tag = faults::unique("kintsugi-watch-test");
+    let line = format!(
+        "<4>{tag}: BUG: soft lockup - CPU#0 stuck for 0s! [injected by a kintsugi test, not real]\n"
+    );
+    std::fs::write("/dev/kmsg", line).expect("write /dev/kmsg (needs root)");
+    let (_, d) = trusting
+        .detection(FaultKind::Kernel, Duration::from_secs(3), |d| {
+            d.detail.contains(&tag)
+        })
+        .expect("the lockup line was classified");
+    assert_eq!(
+        (d.source, d.subject.as_str()),
+        ("kmsg", "kernel soft_lockup")
+    );
+    assert!(
+        strict
+            .detection(FaultKind::Kernel, Duration::from_millis(500), |d| d
+                .detail
+                .contains(&tag))
+            .is_none(),
+        "a user-written line was trusted by default"
+    );
+}

@@ -11,7 +11,8 @@
 //! (host). If the module process dies, the host's supervisor thread moves a RUNNING slot to
 //! DEAD; the host then rolls the slot's undo log back. A REQUEST nobody claimed yet simply
 //! waits for the next module generation. Waiting is a short spin (the reply usually comes
-//! within microseconds) and then a shared futex, so an idle module costs no CPU.
+//! within microseconds; each round yields the CPU) and then a shared futex, so an idle module
+//! costs no CPU.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -44,7 +45,9 @@ const S_STATE: usize = 0;
 const S_FAULT: usize = 4;
 const S_LEN: usize = 8;
 
-/// How long to spin before sleeping on the futex.
+/// How long to poll before sleeping on the futex. Polling yields the CPU each round: on this
+/// 2-core machine the client, the host and the module all want a core per request, and a
+/// pure spin starves whichever of them is runnable on the same core.
 const SPIN: Duration = Duration::from_micros(40);
 
 /// The ring.
@@ -154,7 +157,7 @@ impl Ring {
             }
             let elapsed = start.elapsed();
             if elapsed < SPIN {
-                std::hint::spin_loop();
+                std::thread::yield_now();
                 continue;
             }
             match killed_at {
@@ -257,7 +260,7 @@ impl Ring {
             }
             let t = Instant::now();
             while t.elapsed() < SPIN && self.doorbell().load(Ordering::Acquire) == seen {
-                std::hint::spin_loop();
+                std::thread::yield_now();
             }
             if self.doorbell().load(Ordering::Acquire) == seen {
                 let _ = futex_wait(self.doorbell(), seen, Some(Duration::from_secs(1)));

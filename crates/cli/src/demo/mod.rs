@@ -9,6 +9,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
+pub mod fs;
 pub mod rfork;
 pub mod watch;
 
@@ -19,6 +20,11 @@ type Rung = fn(&mut dyn FnMut(&str)) -> anyhow::Result<()>;
 
 /// In ladder order: (name, what it shows, entry point).
 const RUNGS: &[(&str, &str, Rung)] = &[
+    (
+        "roll back",
+        "a file-system module crashes mid-request; the host rolls back, restarts it, keeps every byte",
+        fs::run,
+    ),
     (
         "restart",
         "rfork and kintsugi run bring crashed processes back",

@@ -57,6 +57,9 @@ enum Command {
     /// Benchmarks: print a human table, or with --json the object the issue specifies.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// (internal) the guarded workload of `kintsugi bench guard`.
+    #[command(name = "__guard-bench-child", hide = true)]
+    GuardBenchChild(bench::guard::ChildArgs),
     /// (internal) the exec'd child of `kintsugi bench rfork`'s fork+exec baseline.
     #[command(name = "__bench-child", hide = true)]
     BenchChild(bench::rfork::ChildArgs),
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Restore(a) => cmd::restore::run(a),
         Command::Notify(a) => cmd::notify::run(a),
         Command::Bench(b) => bench::run(b),
+        Command::GuardBenchChild(a) => bench::guard::child(a),
         Command::BenchChild(a) => bench::rfork::child(a),
     };
     match result {

@@ -138,9 +138,12 @@ impl Incarnation {
         let mut t = t
             .interrupt()
             .map_err(|e| Error::sys("stopping the program", e))?;
+        let t1 = t0.elapsed();
         let res = self.stopped_checkpoint(&mut t, prog, log, seq);
+        let t2 = t0.elapsed();
         let detach = t.detach();
         let pause = t0.elapsed();
+        tracing::debug!(target: "guard", "epoch {seq}: stop {t1:?}, capture {:?}, resume {:?}", t2 - t1, pause - t2);
         let layer = res?;
         detach.map_err(|e| Error::sys("resuming the program", e))?;
         let page_bytes = layer.page_bytes();
@@ -155,8 +158,11 @@ impl Incarnation {
         seq: u64,
     ) -> Result<Layer> {
         let pid = self.pid;
+        let lt = Instant::now();
+        let mut lap: Vec<(&str, Duration)> = Vec::new();
         let mut lg = log.lock().unwrap_or_else(|p| p.into_inner());
         let sys_err = |what: &'static str| move |e: std::io::Error| Error::sys(what, e);
+        lap.push(("status", lt.elapsed()));
         let (caught, ignored, umask, threads) =
             procfs::status(pid).map_err(sys_err("reading /proc/PID/status"))?;
         let mut refusals = lg.refusals.clone();
@@ -173,6 +179,7 @@ impl Incarnation {
                 children.trim()
             ));
         }
+        lap.push(("status+children", lt.elapsed()));
         let regs = t.regs().map_err(sys_err("reading registers"))?;
         let xstate = t.xstate().map_err(sys_err("reading FPU state"))?;
         let sigmask = t.sigmask().map_err(sys_err("reading the signal mask"))?;
@@ -189,6 +196,7 @@ impl Incarnation {
             t.restore_regs(&regs)
                 .map_err(sys_err("restoring registers after injection"))?;
         }
+        lap.push(("regs+inject", lt.elapsed()));
         let tracker = self.tracker.as_ref().expect("armed above");
         let pagemap = self.pagemap.as_ref().expect("armed with the tracker");
         let mut vmas = procfs::maps(pid).map_err(sys_err("reading /proc/PID/maps"))?;
@@ -236,26 +244,25 @@ impl Incarnation {
             }
             ranges.extend(runs.iter().map(|&(a, b)| (a, (b - a) as usize)));
         }
-        let mut data = Vec::new();
-        sys::remote_mem::read_ranges(pid, &ranges, &mut data)
+        lap.push(("maps+scan", lt.elapsed()));
+        let bufs = sys::remote_mem::read_runs(pid, &ranges)
             .map_err(sys_err("reading the program's memory"))?;
-        let mut pages = Vec::with_capacity(ranges.len());
-        let mut off = 0usize;
-        for (a, l) in &ranges {
-            pages.push((*a, data[off..off + l].to_vec()));
-            off += l;
-        }
-        let (fds, fd_refusals) = procfs::fds(pid, &prog.inherited, &lg.sockets)
+        let pages: Vec<(u64, Vec<u8>)> = ranges.iter().map(|r| r.0).zip(bufs).collect();
+        lap.push(("readmem", lt.elapsed()));
+        let (fds, fd_refusals) = procfs::fds(pid, self.pidfd.as_fd(), &prog.inherited, &lg.sockets)
             .map_err(sys_err("reading the fd table"))?;
         refusals.extend(fd_refusals);
+        lap.push(("fds", lt.elapsed()));
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "/".into());
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
+        lap.push(("cwd", lt.elapsed()));
         let mut mm = procfs::mm_layout(pid).map_err(sys_err("reading /proc/PID/stat"))?;
         mm.brk = self.brk;
+        lap.push(("mm", lt.elapsed()));
         let sigactions = lg.commit_sigactions(caught, ignored);
         let fixed = ptrace::restart_fixup(&regs, true);
         let thread = ThreadState {
@@ -289,6 +296,8 @@ impl Incarnation {
             .into_iter()
             .filter(|v| !untracked.contains(&v.start))
             .collect();
+        lap.push(("rest", lt.elapsed()));
+        tracing::debug!(target: "guard", "laps {lap:?}");
         Ok(Layer {
             seq,
             full: false,

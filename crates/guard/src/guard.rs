@@ -68,6 +68,26 @@ pub fn read_status(dir: &Path) -> Result<Status> {
     serde_json::from_slice(&b).map_err(|e| Error::Image(format!("{}: {e}", p.display())))
 }
 
+/// What one epoch cost.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochRecord {
+    pub seq: u64,
+    /// How long the program was stopped.
+    pub pause: Duration,
+    /// Page bytes captured.
+    pub page_bytes: u64,
+    /// Size of the layer file written (0 if writing failed).
+    pub layer_bytes: u64,
+}
+
+/// Restores the newest image in `dir` into a new process (pid 1 of a new pid namespace) with
+/// the guard's filter installed, without guarding it further. For benchmarks and tools.
+pub fn restore_detached(dir: &Path) -> Result<crate::restore::Restored> {
+    let filter = NotifyFilter::new(&log::trapped_numbers())
+        .map_err(|e| Error::sys("building the seccomp filter", e))?;
+    crate::restore::restore(dir, &filter)
+}
+
 /// A running guard.
 #[derive(Debug)]
 pub struct Guard {
@@ -350,7 +370,7 @@ impl Guard {
                 next = Instant::now() + self.opts.epoch;
             }
             match self.epoch() {
-                Ok(()) => {}
+                Ok(_) => {}
                 Err(e) if e.program_gone() => {
                     // It ended while we stopped it: the status went to ptrace's wait, or is
                     // still waiting for us as a zombie.
@@ -372,13 +392,20 @@ impl Guard {
     }
 
     /// One checkpoint: stop, capture, resume, then write the layer.
-    pub fn epoch(&mut self) -> Result<()> {
+    pub fn epoch(&mut self) -> Result<EpochRecord> {
         let seq = self.next_seq;
         let (mut layer, stats) = self.inc.checkpoint(&self.prog, &self.log, seq)?;
         layer.full = self.next_full;
         let refusals = layer.state.state.refusals.clone();
+        let mut rec = EpochRecord {
+            seq,
+            pause: stats.pause,
+            page_bytes: stats.page_bytes,
+            layer_bytes: 0,
+        };
         match image::write_layer(&self.opts.images, &layer) {
             Ok(bytes) => {
+                rec.layer_bytes = bytes;
                 self.next_seq += 1;
                 self.next_full = false;
                 self.status.last_layer = seq;
@@ -404,7 +431,7 @@ impl Guard {
             self.start_merge();
         }
         self.write_status();
-        Ok(())
+        Ok(rec)
     }
 
     fn start_merge(&mut self) {

@@ -121,7 +121,8 @@ pub struct Layer {
     pub seq: u64,
     pub full: bool,
     pub state: StateRecord,
-    /// Page runs `(address, bytes)`, page-aligned, in address order within the layer.
+    /// Page runs `(address, bytes)`, page-aligned, in address order within the layer. A run
+    /// longer than 4 MiB comes back from disk as several runs.
     pub pages: Vec<(u64, Vec<u8>)>,
 }
 
@@ -181,6 +182,37 @@ pub fn encode(layer: &Layer) -> Vec<u8> {
 
 /// Parses a layer; `path` only names the file in errors.
 pub fn decode(path: &Path, buf: &[u8]) -> Result<Layer, ImageError> {
+    let l = parse(path, buf)?;
+    let pages = l
+        .runs
+        .iter()
+        .map(|(a, r)| (*a, buf[r.clone()].to_vec()))
+        .collect();
+    Ok(Layer {
+        seq: l.seq,
+        full: l.full,
+        state: l.state,
+        pages,
+    })
+}
+
+/// A validated layer whose page runs stay in the file buffer (`runs` are byte ranges of it).
+#[derive(Debug)]
+struct Parsed {
+    seq: u64,
+    full: bool,
+    state: StateRecord,
+    runs: Vec<(u64, std::ops::Range<usize>)>,
+}
+
+/// A layer loaded for restore: the file bytes and where its pages are in them.
+#[derive(Debug)]
+struct Loaded {
+    buf: Vec<u8>,
+    runs: Vec<(u64, std::ops::Range<usize>)>,
+}
+
+fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, ImageError> {
     let p = || path.to_path_buf();
     if buf.len() < 8 || &buf[..8] != MAGIC {
         return Err(ImageError::BadMagic { path: p() });
@@ -208,7 +240,7 @@ pub fn decode(path: &Path, buf: &[u8]) -> Result<Layer, ImageError> {
     let mut at = HEADER_LEN;
     let mut index = 0usize;
     let mut state = None;
-    let mut pages: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut pages: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
     loop {
         index += 1;
         if at == buf.len() {
@@ -265,11 +297,8 @@ pub fn decode(path: &Path, buf: &[u8]) -> Result<Layer, ImageError> {
                 if addr % 4096 != 0 {
                     return Err(bad(format!("address {addr:#x} is not page-aligned")));
                 }
-                let data = &payload[8..];
-                match pages.last_mut() {
-                    Some((a, d)) if *a + d.len() as u64 == addr => d.extend_from_slice(data),
-                    _ => pages.push((addr, data.to_vec())),
-                }
+                // One run per record, left in place in the file buffer.
+                pages.push((addr, at - 4 - payload.len() + 8..at - 4));
             }
             TAG_END => {
                 if payload.len() != 8 {
@@ -286,11 +315,11 @@ pub fn decode(path: &Path, buf: &[u8]) -> Result<Layer, ImageError> {
                     return Err(bad("bytes after the end record".into()));
                 }
                 let state = state.ok_or_else(|| bad("no state record".into()))?;
-                return Ok(Layer {
+                return Ok(Parsed {
                     seq,
                     full,
                     state,
-                    pages,
+                    runs: pages,
                 });
             }
             _ => return Err(bad(format!("unknown record tag {tag}"))),
@@ -344,20 +373,66 @@ pub fn list_layers(dir: &Path) -> Result<Vec<u64>, ImageError> {
 }
 
 /// The restorable image: the newest layer's state and the page contents that the newest
-/// full layer plus the incrementals after it add up to.
+/// full layer plus the incrementals after it add up to (indexed, not copied).
 #[derive(Debug)]
 pub struct Chain {
     pub top: u64,
     pub base: u64,
     pub state: ProcState,
-    /// Page address → contents (4096 bytes), latest writer wins; only pages inside the top
-    /// state's mappings, and only from layers at or after each mapping's `base_seq`.
-    pub pages: BTreeMap<u64, Vec<u8>>,
+    layers: Vec<Loaded>,
+    /// Page address → (layer, run, page within the run) of its newest copy; only pages inside
+    /// the top state's mappings, from layers at or after each mapping's `base_seq`.
+    index: BTreeMap<u64, (u32, u32, u32)>,
 }
 
 impl Chain {
     pub fn page_bytes(&self) -> u64 {
-        self.pages.len() as u64 * 4096
+        self.index.len() as u64 * 4096
+    }
+    /// Addresses of the pages the chain holds, ascending.
+    pub fn addrs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.index.keys().copied()
+    }
+    /// The contents of the page at `addr`.
+    pub fn page(&self, addr: u64) -> Option<&[u8]> {
+        let &(l, r, i) = self.index.get(&addr)?;
+        let ll = &self.layers[l as usize];
+        let data = &ll.buf[ll.runs[r as usize].1.clone()];
+        Some(&data[i as usize * 4096..(i as usize + 1) * 4096])
+    }
+    /// Maximal contiguous runs `(address, bytes)`, borrowed from the layers.
+    pub fn runs(&self) -> Vec<(u64, &[u8])> {
+        // (address, layer, run, first page, page count)
+        type Cur = (u64, u32, u32, u32, u32);
+        fn slice(layers: &[Loaded], c: Cur) -> (u64, &[u8]) {
+            let l = &layers[c.1 as usize];
+            let data: &[u8] = &l.buf[l.runs[c.2 as usize].1.clone()];
+            (c.0, &data[c.3 as usize * 4096..(c.3 + c.4) as usize * 4096])
+        }
+        let mut out: Vec<(u64, &[u8])> = Vec::new();
+        let mut cur: Option<Cur> = None;
+        for (&a, &(l, r, i)) in &self.index {
+            match cur {
+                Some(ref mut c)
+                    if c.0 + u64::from(c.4) * 4096 == a
+                        && c.1 == l
+                        && c.2 == r
+                        && c.3 + c.4 == i =>
+                {
+                    c.4 += 1
+                }
+                _ => {
+                    if let Some(c) = cur.take() {
+                        out.push(slice(&self.layers, c));
+                    }
+                    cur = Some((a, l, r, i, 1));
+                }
+            }
+        }
+        if let Some(c) = cur {
+            out.push(slice(&self.layers, c));
+        }
+        out
     }
 }
 
@@ -370,7 +445,7 @@ pub fn load_chain(dir: &Path) -> Result<Chain, ImageError> {
             dir: dir.to_path_buf(),
         });
     };
-    let mut layers: Vec<Layer> = Vec::new();
+    let mut layers: Vec<(Parsed, Vec<u8>)> = Vec::new();
     let mut want = top;
     loop {
         if !seqs.contains(&want) {
@@ -380,7 +455,7 @@ pub fn load_chain(dir: &Path) -> Result<Chain, ImageError> {
                 .filter(|&s| s < want)
                 .max()
                 .unwrap_or(0);
-            return Err(if layers.iter().any(|l| l.full) || base == 0 {
+            return Err(if layers.iter().any(|l| l.0.full) || base == 0 {
                 ImageError::NoBase {
                     dir: dir.to_path_buf(),
                     seq: top,
@@ -394,9 +469,14 @@ pub fn load_chain(dir: &Path) -> Result<Chain, ImageError> {
                 }
             });
         }
-        let l = read_layer(&dir.join(layer_name(want)))?;
+        let path = dir.join(layer_name(want));
+        let buf = std::fs::read(&path).map_err(|source| ImageError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let l = parse(&path, &buf)?;
         let full = l.full;
-        layers.push(l);
+        layers.push((l, buf));
         if full {
             break;
         }
@@ -413,35 +493,43 @@ pub fn load_chain(dir: &Path) -> Result<Chain, ImageError> {
 }
 
 /// Folds layers (oldest first, the first one full) into a chain.
-pub fn fold(layers: Vec<Layer>) -> Chain {
-    let base = layers.first().map(|l| l.seq).unwrap_or(0);
-    let top_layer = layers.last().expect("at least one layer");
+fn fold(layers: Vec<(Parsed, Vec<u8>)>) -> Chain {
+    let base = layers.first().map(|l| l.0.seq).unwrap_or(0);
+    let top_layer = &layers.last().expect("at least one layer").0;
     let top = top_layer.seq;
     let state = top_layer.state.state.clone();
-    let mut pages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    for l in layers {
-        for (addr, data) in l.pages {
-            for (i, page) in data.chunks(4096).enumerate() {
+    let mut index: BTreeMap<u64, (u32, u32, u32)> = BTreeMap::new();
+    let mut vmas: Vec<&crate::model::Vma> = state.vmas.iter().filter(|v| v.has_pages()).collect();
+    vmas.sort_by_key(|v| v.start);
+    let find = |a: u64| {
+        let i = vmas.partition_point(|v| v.end <= a);
+        vmas.get(i).filter(|v| v.contains(a)).copied()
+    };
+    for (li, (l, _)) in layers.iter().enumerate() {
+        for (ri, (addr, range)) in l.runs.iter().enumerate() {
+            for i in 0..range.len() / 4096 {
                 let a = addr + (i as u64) * 4096;
-                let keep = state
-                    .vmas
-                    .iter()
-                    .any(|v| v.contains(a) && v.has_pages() && l.seq >= v.base_seq);
-                if keep {
-                    pages.insert(a, page.to_vec());
-                } else {
-                    pages.remove(&a);
+                match find(a) {
+                    Some(v) if l.seq >= v.base_seq => {
+                        index.insert(a, (li as u32, ri as u32, i as u32));
+                    }
+                    _ => {
+                        index.remove(&a);
+                    }
                 }
             }
         }
     }
-    // Mappings re-captured in full after an older layer wrote pages there: drop the stale ones.
-    pages.retain(|a, _| state.vmas.iter().any(|v| v.contains(*a) && v.has_pages()));
+    let layers = layers
+        .into_iter()
+        .map(|(p, buf)| Loaded { buf, runs: p.runs })
+        .collect();
     Chain {
         top,
         base,
         state,
-        pages,
+        layers,
+        index,
     }
 }
 
@@ -455,10 +543,10 @@ pub fn merge(dir: &Path) -> Result<u64, ImageError> {
     }
     let top_layer = read_layer(&dir.join(layer_name(chain.top)))?;
     let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
-    for (a, p) in &chain.pages {
+    for (a, p) in chain.runs() {
         match runs.last_mut() {
-            Some((ra, rd)) if *ra + rd.len() as u64 == *a => rd.extend_from_slice(p),
-            _ => runs.push((*a, p.clone())),
+            Some((ra, rd)) if *ra + rd.len() as u64 == a => rd.extend_from_slice(p),
+            _ => runs.push((a, p.to_vec())),
         }
     }
     let merged = Layer {
@@ -566,15 +654,15 @@ mod tests {
         }
         let c = load_chain(&dir).unwrap();
         assert_eq!((c.base, c.top), (1, 2));
-        assert_eq!(c.pages[&0x10000][0], 1);
-        assert_eq!(c.pages[&0x11000][0], 2);
+        assert_eq!(c.page(0x10000).unwrap()[0], 1);
+        assert_eq!(c.page(0x11000).unwrap()[0], 2);
         write_layer(&dir, &l3).unwrap();
         let c = load_chain(&dir).unwrap();
-        assert_eq!(c.pages.keys().copied().collect::<Vec<_>>(), vec![0x12000]);
+        assert_eq!(c.addrs().collect::<Vec<_>>(), vec![0x12000]);
         assert_eq!(merge(&dir).unwrap(), 3);
         assert_eq!(list_layers(&dir).unwrap(), vec![3]);
         let c = load_chain(&dir).unwrap();
-        assert_eq!((c.base, c.top, c.pages.len()), (3, 3, 1));
+        assert_eq!((c.base, c.top, c.page_bytes()), (3, 3, 4096));
         fs::remove_dir_all(&dir).unwrap();
     }
 

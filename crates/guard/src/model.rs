@@ -77,6 +77,8 @@ pub enum FdKind {
     /// not survive (TCP repair is a later issue): it comes back as a fresh unconnected socket,
     /// which the program sees as a reset connection.
     TcpOther { v6: bool },
+    /// A UDP socket: `socket` + `bind` (port 0: unbound). Queued datagrams are lost.
+    Udp { v6: bool, addr: [u8; 16], port: u16 },
     /// `eventfd2(count, flags)`.
     EventFd { count: u64 },
     /// `epoll_create1` + `epoll_ctl(ADD)` per registration `(fd, events, data)`.

@@ -140,58 +140,6 @@ pub fn mm_layout(pid: Pid) -> io::Result<MmLayout> {
     })
 }
 
-/// A TCP socket from /proc/PID/net/tcp{,6}.
-#[derive(Debug, Clone)]
-pub struct TcpSock {
-    pub v6: bool,
-    pub addr: [u8; 16],
-    pub port: u16,
-    pub listening: bool,
-}
-
-/// TCP sockets visible in the process's network namespace, by inode.
-pub fn tcp_sockets(pid: Pid) -> HashMap<u64, TcpSock> {
-    let mut m = HashMap::new();
-    for (file, v6) in [("tcp", false), ("tcp6", true)] {
-        let Ok(t) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
-            continue;
-        };
-        for line in t.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 {
-                continue;
-            }
-            let Some((a, p)) = f[1].split_once(':') else {
-                continue;
-            };
-            let Ok(port) = u16::from_str_radix(p, 16) else {
-                continue;
-            };
-            let mut addr = [0u8; 16];
-            // /proc prints the address as 32-bit words in host (little-endian) order.
-            for (i, chunk) in a.as_bytes().chunks(8).enumerate().take(4) {
-                let w =
-                    u32::from_str_radix(std::str::from_utf8(chunk).unwrap_or("0"), 16).unwrap_or(0);
-                addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-            }
-            let listening = f[3] == "0A";
-            let Ok(inode) = f[9].parse::<u64>() else {
-                continue;
-            };
-            m.insert(
-                inode,
-                TcpSock {
-                    v6,
-                    addr,
-                    port,
-                    listening,
-                },
-            );
-        }
-    }
-    m
-}
-
 /// What the guard knows about sockets from the log, by socket inode.
 #[derive(Debug, Default, Clone)]
 pub struct SocketLog {
@@ -213,12 +161,12 @@ pub const RESTORABLE_DEVICES: &[&str] = &[
 /// Returns the fds and the reasons some cannot be restored.
 pub fn fds(
     pid: Pid,
+    pidfd: std::os::fd::BorrowedFd<'_>,
     inherited: &[(i32, u64, u64)],
     socklog: &SocketLog,
 ) -> io::Result<(Vec<Fd>, Vec<String>)> {
     let mut out = Vec::new();
     let mut refusals = Vec::new();
-    let tcp = tcp_sockets(pid);
     let dir = format!("/proc/{pid}/fd");
     let mut nums: Vec<i32> = fs::read_dir(&dir)?
         .filter_map(|e| e.ok())
@@ -260,17 +208,48 @@ pub fn fds(
             }
         } else if let Some(rest) = link.strip_prefix("socket:[") {
             let inode: u64 = rest.trim_end_matches(']').parse().unwrap_or(0);
-            match tcp.get(&inode) {
-                Some(s) if s.listening => FdKind::TcpListen {
-                    v6: s.v6,
-                    addr: s.addr,
-                    port: s.port,
-                    backlog: socklog.backlog.get(&inode).copied().unwrap_or(128),
-                    sockopts: socklog.sockopts.get(&inode).cloned().unwrap_or_default(),
-                },
-                Some(s) => FdKind::TcpOther { v6: s.v6 },
-                None => {
-                    refusals.push(format!("fd {n}: {link} is not a TCP socket (unix/UDP/netlink sockets are not restorable yet)"));
+            let info = sys::guard_fd::pidfd_getfd(pidfd, n).and_then(|c| {
+                use std::os::fd::AsFd;
+                sys::guard_fd::socket_info(c.as_fd())
+            });
+            let ip = |a: &std::net::SocketAddr| -> (bool, [u8; 16], u16) {
+                match a {
+                    std::net::SocketAddr::V4(v) => {
+                        let mut b = [0u8; 16];
+                        b[..4].copy_from_slice(&v.ip().octets());
+                        (false, b, v.port())
+                    }
+                    std::net::SocketAddr::V6(v) => (true, v.ip().octets(), v.port()),
+                }
+            };
+            match info {
+                Ok(si) if si.sock_type == libc::SOCK_STREAM && si.local.is_some() => {
+                    let (v6, addr, port) = ip(&si.local.expect("checked"));
+                    if si.listening {
+                        FdKind::TcpListen {
+                            v6,
+                            addr,
+                            port,
+                            backlog: socklog.backlog.get(&inode).copied().unwrap_or(128),
+                            sockopts: socklog.sockopts.get(&inode).cloned().unwrap_or_default(),
+                        }
+                    } else {
+                        FdKind::TcpOther { v6 }
+                    }
+                }
+                Ok(si) if si.sock_type == libc::SOCK_DGRAM && si.local.is_some() => {
+                    let (v6, addr, port) = ip(&si.local.expect("checked"));
+                    FdKind::Udp { v6, addr, port }
+                }
+                Ok(si) => {
+                    refusals.push(format!(
+                        "fd {n}: {link}: socket family {} type {} is not restorable yet (TCP and UDP are)",
+                        si.domain, si.sock_type
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    refusals.push(format!("fd {n}: {link}: cannot inspect the socket: {e}"));
                     continue;
                 }
             }
@@ -431,7 +410,9 @@ mod tests {
         assert!(umask <= 0o777 && threads >= 1);
         let mm = mm_layout(me).unwrap();
         assert!(mm.start_code < mm.end_code && !mm.auxv.is_empty());
-        let (fds, _) = fds(me, &[], &SocketLog::default()).unwrap();
+        let pidfd = sys::pidfd::PidFd::open(me).unwrap();
+        use std::os::fd::AsFd;
+        let (fds, _) = fds(me, pidfd.as_fd(), &[], &SocketLog::default()).unwrap();
         assert!(!fds.is_empty());
     }
 }

@@ -103,7 +103,9 @@ impl Driver {
 /// Restores the newest chain in `dir` into a new process. Refuses (before creating anything)
 /// an image the guard marked non-restorable, and any damaged layer.
 pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
+    let t0 = std::time::Instant::now();
     let chain = image::load_chain(dir)?;
+    tracing::debug!(target: "guard", "restore: loaded chain {}..{} ({} pages) in {:?}", chain.base, chain.top, chain.page_bytes() / 4096, t0.elapsed());
     if !chain.state.refusals.is_empty() {
         return Err(Error::NotRestorable(chain.state.refusals.join("; ")));
     }
@@ -134,6 +136,7 @@ pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
         }
     }
     let (stub, listener) = spawn_stub(filter)?;
+    tracing::debug!(target: "guard", "restore: new process at {:?}", t0.elapsed());
     match drive(stub, &chain) {
         Ok((inc, sockets)) => Ok(Restored {
             inc,
@@ -322,7 +325,13 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog)> {
     }
     for v in &st.vmas {
         let len = v.end - v.start;
-        let prot = u64::from(v.prot);
+        // Private mappings are created writable so process_vm_writev can fill them; the
+        // final protection is applied after the fill.
+        let prot = if v.has_pages() {
+            u64::from(v.prot | libc::PROT_WRITE as u32)
+        } else {
+            u64::from(v.prot)
+        };
         match &v.kind {
             VmaKind::Anon | VmaKind::SharedAnon => {
                 let share = if v.kind == VmaKind::Anon {
@@ -374,29 +383,24 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog)> {
             VmaKind::Vdso | VmaKind::Vvar => {}
         }
     }
-    // Page contents, in runs (FOLL_FORCE writes reach read-only private pages too).
-    let mut run: Option<(u64, Vec<u8>)> = None;
-    let flush = |d: &mut Driver, r: (u64, Vec<u8>)| -> Result<()> {
-        d.mem
-            .write_all_at(r.0, &r.1)
-            .map_err(|e| Error::sys("filling memory", e))
-    };
-    for (a, p) in &chain.pages {
-        match &mut run {
-            Some((ra, rd)) if *ra + rd.len() as u64 == *a && rd.len() < (4 << 20) => {
-                rd.extend_from_slice(p)
-            }
-            _ => {
-                if let Some(r) = run.take() {
-                    flush(&mut d, r)?;
-                }
-                run = Some((*a, p.clone()));
-            }
-        }
+    // Page contents, in runs, straight from the layer buffers.
+    let tf = std::time::Instant::now();
+    for (a, bytes) in chain.runs() {
+        sys::remote_mem::write(pid, a, bytes)
+            .map_err(|e| Error::sys(format!("filling memory at {a:#x}"), e))?;
     }
-    if let Some(r) = run.take() {
-        flush(&mut d, r)?;
+    for v in st
+        .vmas
+        .iter()
+        .filter(|v| v.has_pages() && v.prot & libc::PROT_WRITE as u32 == 0)
+    {
+        d.sys(
+            &format!("mprotect {:#x} {}", v.start, v.label),
+            libc::SYS_mprotect,
+            [v.start, v.end - v.start, u64::from(v.prot), 0, 0, 0],
+        )?;
     }
+    tracing::debug!(target: "guard", "restore: memory filled in {:?}", tf.elapsed());
     set_mm(&mut d, st)?;
     let sockets = restore_fds(&mut d, &st.fds, &stub_fds)?;
     let pa = d.path(&st.cwd)?;
@@ -427,6 +431,7 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog)> {
         )?;
     }
     // Arm dirty tracking of the rebuilt memory: the next layer is incremental over this one.
+    tracing::debug!(target: "guard", "restore: kernel state replayed at {:?}", tf.elapsed());
     let uffd = d.sys(
         "userfaultfd",
         libc::SYS_userfaultfd,
@@ -467,6 +472,7 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog)> {
         .map_err(|e| Error::sys("loading the signal mask", e))?;
     d.t.set_options(ptrace::O_TRACESYSGOOD)
         .map_err(|e| Error::sys("re-enabling seccomp", e))?;
+    tracing::debug!(target: "guard", "restore: tracker armed at {:?}", tf.elapsed());
     d.t.detach()
         .map_err(|e| Error::sys("starting the restored program", e))?;
     let inc = Incarnation::restored(pid, pidfd, tracker, known, st.mm.brk)?;
@@ -684,17 +690,7 @@ fn restore_fds(d: &mut Driver, fds: &[Fd], stub_fds: &[i32]) -> Result<SocketLog
                         [f.fd as u64, o.level as u64, o.name as u64, a, 4, 0],
                     )?;
                 }
-                let mut sa = Vec::new();
-                sa.extend_from_slice(&(fam as u16).to_le_bytes());
-                sa.extend_from_slice(&port.to_be_bytes());
-                if *v6 {
-                    sa.extend_from_slice(&[0u8; 4]);
-                    sa.extend_from_slice(addr);
-                    sa.extend_from_slice(&[0u8; 4]);
-                } else {
-                    sa.extend_from_slice(&addr[..4]);
-                    sa.extend_from_slice(&[0u8; 8]);
-                }
+                let sa = sockaddr(*v6, addr, *port);
                 let a = d.data(&sa)?;
                 d.sys(
                     &format!("bind to port {port}"),
@@ -707,6 +703,25 @@ fn restore_fds(d: &mut Driver, fds: &[Fd], stub_fds: &[i32]) -> Result<SocketLog
                     [f.fd as u64, *backlog as u64, 0, 0, 0, 0],
                 )?;
                 sock_fds.push((f.fd, *backlog, sockopts.clone()));
+            }
+            FdKind::Udp { v6, addr, port } => {
+                let fam = if *v6 { libc::AF_INET6 } else { libc::AF_INET };
+                let ty = libc::SOCK_DGRAM | if nb(f) { libc::SOCK_NONBLOCK } else { 0 };
+                let s = d.sys(
+                    "socket",
+                    libc::SYS_socket,
+                    [fam as u64, ty as u64, 0, 0, 0, 0],
+                )?;
+                d.place(s, f.fd, cloexec(f))?;
+                if *port != 0 {
+                    let sa = sockaddr(*v6, addr, *port);
+                    let a = d.data(&sa)?;
+                    d.sys(
+                        &format!("bind UDP port {port}"),
+                        libc::SYS_bind,
+                        [f.fd as u64, a, sa.len() as u64, 0, 0, 0],
+                    )?;
+                }
             }
             FdKind::TcpOther { v6 } => {
                 let fam = if *v6 { libc::AF_INET6 } else { libc::AF_INET };
@@ -816,6 +831,23 @@ fn restore_fds(d: &mut Driver, fds: &[Fd], stub_fds: &[i32]) -> Result<SocketLog
         }
     }
     Ok(socklog)
+}
+
+/// `struct sockaddr_in` / `sockaddr_in6` bytes.
+fn sockaddr(v6: bool, addr: &[u8; 16], port: u16) -> Vec<u8> {
+    let fam = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    let mut sa = Vec::with_capacity(28);
+    sa.extend_from_slice(&(fam as u16).to_le_bytes());
+    sa.extend_from_slice(&port.to_be_bytes());
+    if v6 {
+        sa.extend_from_slice(&[0u8; 4]);
+        sa.extend_from_slice(addr);
+        sa.extend_from_slice(&[0u8; 4]);
+    } else {
+        sa.extend_from_slice(&addr[..4]);
+        sa.extend_from_slice(&[0u8; 8]);
+    }
+    sa
 }
 
 fn restore_signals(d: &mut Driver, st: &ProcState) -> Result<()> {

@@ -14,3 +14,46 @@ pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: i32) -> io::Result<OwnedFd>
     // SAFETY: the kernel just created this fd for us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
+
+/// What the guard needs to rebuild a socket, read from a copy of the program's fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockInfo {
+    /// AF_* family.
+    pub domain: i32,
+    /// SOCK_STREAM, SOCK_DGRAM, …
+    pub sock_type: i32,
+    /// Whether `listen` was called on it.
+    pub listening: bool,
+    /// Local address for IP sockets.
+    pub local: Option<std::net::SocketAddr>,
+}
+
+/// Family, type, listening state and local address of a socket fd (ours, e.g. from
+/// [`pidfd_getfd`]). Much cheaper than scanning /proc/net/tcp, whose cost grows with the
+/// kernel's hash tables, not with the program's sockets.
+pub fn socket_info(fd: BorrowedFd<'_>) -> io::Result<SockInfo> {
+    use rustix::net::sockopt;
+    let domain = i32::from(sockopt::socket_domain(fd)?.as_raw());
+    let sock_type = sockopt::socket_type(fd)?.as_raw() as i32;
+    let listening = sockopt::socket_acceptconn(fd).unwrap_or(false);
+    let local = if domain == libc::AF_INET || domain == libc::AF_INET6 {
+        let a = rustix::net::getsockname(fd)?;
+        if domain == libc::AF_INET {
+            std::net::SocketAddrV4::try_from(a)
+                .ok()
+                .map(std::net::SocketAddr::V4)
+        } else {
+            std::net::SocketAddrV6::try_from(a)
+                .ok()
+                .map(std::net::SocketAddr::V6)
+        }
+    } else {
+        None
+    };
+    Ok(SockInfo {
+        domain,
+        sock_type,
+        listening,
+        local,
+    })
+}

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 pub mod fs;
+pub mod guard;
 pub mod rfork;
 pub mod run;
 pub mod stats;
@@ -13,6 +14,8 @@ pub mod watch;
 pub enum Bench {
     /// File-system modules: copy64k and compile on tmpfs, plain fuser, SMFS at levels 5 and 4.
     Fs(fs::Args),
+    /// The guard: syscall overhead, checkpoint pause and layer size, restore time.
+    Guard(guard::Args),
     /// rfork restart latency, both designs, beside bare fork and fork+exec.
     Rfork(rfork::Args),
     /// `kintsugi run` restart latency against runit's runsv and daemontools' supervise.
@@ -24,6 +27,7 @@ pub enum Bench {
 pub fn run(b: Bench) -> anyhow::Result<ExitCode> {
     match b {
         Bench::Fs(a) => fs::run(a),
+        Bench::Guard(a) => guard::run(a),
         Bench::Rfork(a) => rfork::run(a),
         Bench::Run(a) => run::run(a),
         Bench::Watch(a) => watch::run(a),

@@ -197,3 +197,73 @@ fn json_stream_reports_a_fork_bomb_and_the_kill_of_its_cgroup() {
     let _ = std::fs::remove_file(&cfg);
     let _ = std::fs::remove_file(&metrics);
 }
+
+#[test]
+fn two_monitors_watch_each_other_and_report_a_frozen_peer() {
+    let dir = tmp("kintsugi-watch-peers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let beat = dir.join("a.beat");
+    let a = bin()
+        .args(["watch", "--json", "--duration", "30", "--beat-file"])
+        .arg(&beat)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn monitor A");
+    let a = Running(a);
+    let t = Instant::now();
+    while std::fs::metadata(&beat).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "monitor A never beat"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cfg = dir.join("b.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[heartbeat]]\nname = \"peer\"\npath = \"{}\"\ntimeout_ms = 1000\n",
+            beat.display()
+        ),
+    )
+    .unwrap();
+    let b = bin()
+        .args(["watch", "--json", "--duration", "30", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn monitor B");
+    let mut b = Running(b);
+    let rx = lines(&mut b.0);
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(20)).expect("B started")["type"],
+        "started"
+    );
+    // A alive for 2 s: no loss may be reported.
+    let end = Instant::now() + Duration::from_secs(2);
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        if let Ok(v) = rx.recv_timeout(left) {
+            assert_ne!(
+                v["fault"], "heartbeat",
+                "a live peer was reported lost: {v}"
+            );
+        }
+    }
+    let a_pid = sys::Pid::from_raw(a.0.id() as i32).unwrap();
+    sys::process::kill(a_pid, 19).unwrap(); // SIGSTOP: the peer hangs
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = end
+            .checked_duration_since(Instant::now())
+            .expect("peer loss reported in time");
+        let v = rx.recv_timeout(left).expect("more events");
+        if v["type"] == "detection" && v["fault"] == "heartbeat" {
+            assert_eq!(v["subject"], "heartbeat peer", "{v}");
+            break;
+        }
+    }
+    sys::process::kill(a_pid, 18).unwrap(); // SIGCONT, so SIGTERM on drop can stop it
+    drop(b);
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}

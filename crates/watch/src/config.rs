@@ -33,6 +33,9 @@ pub struct Config {
     pub tick_ms: u64,
     /// Upper bound on tasks tracked with a kept-open stat fd.
     pub max_tasks: usize,
+    /// This monitor's own heartbeat: a counter rewritten here four times per tick, so a second
+    /// `kintsugi watch` (a `[[heartbeat]]` on this path) can watch this one.
+    pub beat_file: Option<PathBuf>,
     pub hung_task: HungTask,
     pub driver: Driver,
     pub fork: Fork,
@@ -47,6 +50,7 @@ impl Default for Config {
         Config {
             tick_ms: 1000,
             max_tasks: 32768,
+            beat_file: None,
             hung_task: HungTask::default(),
             driver: Driver::default(),
             fork: Fork::default(),

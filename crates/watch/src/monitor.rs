@@ -117,6 +117,7 @@ pub struct Monitor {
     degraded: Vec<String>,
     last_tasks: usize,
     last_dstate: usize,
+    beat: Option<(std::fs::File, u64)>,
     buf: Vec<u8>,
 }
 
@@ -150,6 +151,7 @@ impl Monitor {
             degraded: Vec::new(),
             last_tasks: 0,
             last_dstate: 0,
+            beat: None,
             buf: vec![0; 4096],
             cfg,
         };
@@ -227,6 +229,20 @@ impl Monitor {
             Err(e) => m.degraded.push(format!(
                 "inotify on cgroup directories: {e} (new cgroups are found every 30 ticks)"
             )),
+        }
+        if let Some(p) = m.cfg.beat_file.clone() {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&p)
+            {
+                Ok(f) => m.beat = Some((f, 0)),
+                Err(e) => m.degraded.push(format!(
+                    "beat_file {}: {e} (another monitor cannot watch this one)",
+                    p.display()
+                )),
+            }
         }
         m.sources.push(format!("timer:{}ms", m.cfg.tick_ms));
         m.rescan_cgroups();
@@ -416,6 +432,8 @@ impl Monitor {
         // Proc-connector batching: after a drain the socket is re-armed PROC_BATCH later, so a
         // busy machine costs one wakeup per batch rather than one per fork.
         let mut proc_rearm_at: Option<Instant> = None;
+        let beat_every = tick / 4;
+        let mut next_beat = self.beat.as_ref().map(|_| started);
         let mut next_summary = opts.summary_every.map(|d| started + d);
         let mut events = Vec::with_capacity(64);
         let mut ticks = 0u64;
@@ -432,6 +450,7 @@ impl Monitor {
                 next_summary,
                 opts.until,
                 proc_rearm_at,
+                next_beat,
             ]
             .into_iter()
             .flatten()
@@ -493,6 +512,12 @@ impl Monitor {
                     }
                 }
             }
+            if let Some(b) = next_beat
+                && now >= b
+            {
+                next_beat = Some(now + beat_every);
+                self.write_beat();
+            }
             let periodic = now >= next_tick;
             if periodic || sweep_at.is_some_and(|s| now >= s) {
                 sweep_at = None;
@@ -536,6 +561,15 @@ impl Monitor {
         stats.wall = started.elapsed();
         stats.cpu = thread_cpu().saturating_sub(cpu0);
         Ok(stats)
+    }
+
+    fn write_beat(&mut self) {
+        use std::os::unix::fs::FileExt;
+        if let Some((f, n)) = &mut self.beat {
+            *n += 1;
+            // Fixed width: each write replaces the whole previous value.
+            let _ = f.write_at(format!("{n:020}\n").as_bytes(), 0);
+        }
     }
 
     fn publish(&mut self, out: &mut Out, now: Instant, sink: &mut dyn FnMut(&Event)) {

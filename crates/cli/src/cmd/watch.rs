@@ -31,6 +31,10 @@ pub struct Args {
     /// replaced atomically).
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
+    /// Write this monitor's own heartbeat here (overrides `beat_file`), so that a second
+    /// `kintsugi watch` can watch this one.
+    #[arg(long, value_name = "FILE")]
+    pub beat_file: Option<PathBuf>,
     /// Print the effective config as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -40,10 +44,14 @@ pub struct Args {
 }
 
 fn load(args: &Args) -> anyhow::Result<Config> {
-    Ok(match &args.config {
+    let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
-    })
+    };
+    if let Some(b) = &args.beat_file {
+        cfg.beat_file = Some(b.clone());
+    }
+    Ok(cfg)
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {

@@ -267,3 +267,89 @@ fn two_monitors_watch_each_other_and_report_a_frozen_peer() {
     drop(a);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn lost_heartbeat_restarts_a_service_under_kintsugi_run() {
+    let dir = tmp("kintsugi-watch-svc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let beat = dir.join("beat");
+    let gens = dir.join("generations");
+    // Every generation beats ten times, 100 ms apart, then hangs: only a restart revives it.
+    let script = format!(
+        "echo $$ >> {g}; i=0; while [ $i -lt 10 ]; do echo $i-$$ > {b}; i=$((i+1)); sleep 0.1; done; \
+         exec sleep 1000",
+        g = gens.display(),
+        b = beat.display()
+    );
+    let sup = bin()
+        .args([
+            "run",
+            "--restart",
+            "on-request",
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kintsugi run");
+    let sup = Running(sup);
+    let t = Instant::now();
+    while !beat.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the service never beat"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cfg = dir.join("watch.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[heartbeat]]\nname = \"svc\"\npath = \"{}\"\ntimeout_ms = 1000\n\n\
+             [[action]]\non = [\"heartbeat\"]\nkind = \"restart\"\npid = {}\n",
+            beat.display(),
+            sup.0.id()
+        ),
+    )
+    .unwrap();
+    let child = bin()
+        .args(["watch", "--json", "--duration", "30", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn kintsugi watch");
+    let mut mon = Running(child);
+    let rx = lines(&mut mon.0);
+    let (mut lost, mut restarted, mut recovered) = (false, false, false);
+    let end = Instant::now() + Duration::from_secs(15);
+    while !recovered {
+        let left = end
+            .checked_duration_since(Instant::now())
+            .expect("loss, restart, recovery");
+        let v = rx.recv_timeout(left).expect("more events");
+        match v["type"].as_str() {
+            Some("detection") if v["fault"] == "heartbeat" => lost = true,
+            Some("action") if v["action"] == "restart" => {
+                assert!(lost, "restart before the loss was reported: {v}");
+                assert_eq!(v["ok"], true, "{v}");
+                restarted = true;
+            }
+            Some("recovered") if v["fault"] == "heartbeat" && restarted => recovered = true,
+            _ => {}
+        }
+    }
+    let generations = std::fs::read_to_string(&gens)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert!(
+        generations >= 2,
+        "the supervisor did not start a new generation ({generations})"
+    );
+    drop(mon);
+    drop(sup);
+    let _ = std::fs::remove_dir_all(&dir);
+}

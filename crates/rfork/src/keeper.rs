@@ -368,14 +368,14 @@ impl Keeper {
                 }
             }
         }
-        if self.worker.is_none() {
-            if let Some((at, ending)) = self.restart_at {
-                if now >= at {
-                    self.restart_at = None;
-                    return self.start_generation(Some(ending));
-                }
-                wake_at = wake_at.min(at);
+        if self.worker.is_none()
+            && let Some((at, ending)) = self.restart_at
+        {
+            if now >= at {
+                self.restart_at = None;
+                return self.start_generation(Some(ending));
             }
+            wake_at = wake_at.min(at);
         }
 
         let timeout = (wake_at != u64::MAX).then(|| {
@@ -592,10 +592,10 @@ impl Keeper {
             at_ns: monotonic_ns(),
         };
         let _ = rustix::net::send(&self.events, &ev.encode(), rustix::net::SendFlags::NOSIGNAL);
-        if kind != EventKind::StandbyReady {
-            if let (Some(sig), Some(parent)) = (self.cfg.notify_signal, self.parent.as_ref()) {
-                let _ = parent.send_signal(sig);
-            }
+        if kind != EventKind::StandbyReady
+            && let (Some(sig), Some(parent)) = (self.cfg.notify_signal, self.parent.as_ref())
+        {
+            let _ = parent.send_signal(sig);
         }
     }
 }

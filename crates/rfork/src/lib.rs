@@ -109,31 +109,31 @@ impl Config {
     /// Rejects configurations that cannot mean anything.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Config(m));
-        if let Some(w) = self.watchdog {
-            if w < Duration::from_millis(1) {
-                return bad(format!(
-                    "watchdog {w:?} is shorter than 1 ms: no worker could keep up"
-                ));
-            }
+        if let Some(w) = self.watchdog
+            && w < Duration::from_millis(1)
+        {
+            return bad(format!(
+                "watchdog {w:?} is shorter than 1 ms: no worker could keep up"
+            ));
         }
-        if let Some(s) = self.notify_signal {
-            if !(1..=64).contains(&s) || s == libc::SIGKILL || s == libc::SIGSTOP {
-                return bad(format!(
-                    "notify signal {s} cannot be caught; pick e.g. SIGUSR1"
-                ));
-            }
+        if let Some(s) = self.notify_signal
+            && (!(1..=64).contains(&s) || s == libc::SIGKILL || s == libc::SIGSTOP)
+        {
+            return bad(format!(
+                "notify signal {s} cannot be caught; pick e.g. SIGUSR1"
+            ));
         }
         let i = self.policy.intensity;
         if i.max_restarts != u32::MAX && i.within.is_zero() {
             return bad("restart intensity window is 0: give a duration, or no limit".into());
         }
-        if let Some(b) = self.policy.backoff {
-            if b.initial > b.max || b.factor == 0 {
-                return bad(format!(
-                    "backoff initial {:?} > max {:?} or factor 0: delays would never grow sensibly",
-                    b.initial, b.max
-                ));
-            }
+        if let Some(b) = self.policy.backoff
+            && (b.initial > b.max || b.factor == 0)
+        {
+            return bad(format!(
+                "backoff initial {:?} > max {:?} or factor 0: delays would never grow sensibly",
+                b.initial, b.max
+            ));
         }
         Ok(())
     }

@@ -146,7 +146,8 @@ fn measure(a: &Args, work: &Path) -> anyhow::Result<Report> {
     let mut results = Vec::new();
     let throttle_none = "none (intensity limit off)";
     let throttle_1s = "waits 1 s if the child lived < 1 s (fixed)";
-    let runs: [(&str, u64, &str, &dyn Fn(&Path) -> Command); 4] = [
+    type MakeCommand<'a> = &'a dyn Fn(&Path) -> Command;
+    let runs: [(&str, u64, &str, MakeCommand<'_>); 4] = [
         ("kintsugi_run", a.lifetime_ms, throttle_none, &|d: &Path| {
             let mut c = Command::new(&kintsugi);
             c.args([
@@ -283,10 +284,10 @@ fn kill_instances_of(exe: &Path) {
         return;
     };
     for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-        if std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == exe) {
-            if let Some(p) = sys::Pid::from_raw(pid) {
-                let _ = sys::process::kill(p, libc::SIGKILL);
-            }
+        if std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == exe)
+            && let Some(p) = sys::Pid::from_raw(pid)
+        {
+            let _ = sys::process::kill(p, libc::SIGKILL);
         }
     }
 }

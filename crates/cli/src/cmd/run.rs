@@ -96,10 +96,10 @@ fn config(a: &Args) -> anyhow::Result<RunConfig> {
     if a.within.is_zero() && a.max_restarts != u32::MAX {
         bail!("--within 0 makes the restart limit meaningless: give a window such as 10s");
     }
-    if let Some(w) = a.watchdog {
-        if w < Duration::from_millis(1) {
-            bail!("--watchdog {w:?} is shorter than 1ms: no program could keep up");
-        }
+    if let Some(w) = a.watchdog
+        && w < Duration::from_millis(1)
+    {
+        bail!("--watchdog {w:?} is shorter than 1ms: no program could keep up");
     }
     let backoff = match a.backoff {
         Some(b) if b > a.backoff_max => {

@@ -238,10 +238,10 @@ fn sighup_restarts_and_sigterm_stops_leaving_nothing_behind() {
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let mut next_event = || loop {
         let line = lines.next().expect("kintsugi ended early").expect("read");
-        if let Ok(v) = serde_json::from_str::<Value>(&line) {
-            if v.get("event").is_some() {
-                return v;
-            }
+        if let Ok(v) = serde_json::from_str::<Value>(&line)
+            && v.get("event").is_some()
+        {
+            return v;
         }
     };
     assert_eq!(next_event()["event"], "started");

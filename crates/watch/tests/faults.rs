@@ -292,12 +292,19 @@ fn unanswering_fuse_daemon_piles_up_readers_and_is_detected_and_restarted() {
     // Recovery once a reader is hung past the threshold: restart the driver. Killing the
     // daemon aborts the connection, which releases every blocked reader. (Not on the pile-up
     // itself, so that both detections are observed.)
+    // Only for our readers (they are in the FUSE fault's own pids cgroup): other tests may hang
+    // tasks of their own on this machine at the same time.
     let mut hook = action(FaultKind::HungTask, ActionKind::Hook);
     hook.command = vec![
         "/bin/sh".into(),
         "-c".into(),
-        format!("kill -9 {}", hang.daemon),
+        format!(
+            "grep -qx \"$KINTSUGI_PID\" {} && kill -9 {}",
+            hang.cgroup.path.join("cgroup.procs").display(),
+            hang.daemon
+        ),
     ];
+    hook.cooldown_ms = 0;
     cfg.action.push(hook);
     let mut h = Harness::start(cfg);
     let mut first_d = None;

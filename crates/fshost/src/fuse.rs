@@ -2,11 +2,13 @@
 //! host's inode table (lookup counts) and open-file table, and answers the control xattrs
 //! behind `kintsugi fsctl`.
 //!
-//! Control channel: extended attributes on the mount's root directory, handled here and never
-//! passed to the module. `user.kintsugi.fault` = `panic|segv|kill|hang[:write|rename|readdir|any]`
-//! arms a fault (with a class: for the next such request; without: now, while idle), and
-//! `user.kintsugi.status` reads the host's counters as JSON. Whoever can reach the mount can use
-//! it; nothing else (no socket, no pid file) has to be found or cleaned up.
+//! Control channel, handled here and never passed to the module: the extended attribute
+//! `user.kintsugi.fault` = `panic|segv|kill|hang[:write|rename|readdir|any]` on the mount's root
+//! arms a fault (with a class: for the next such request; without: now, while idle), and the
+//! hidden read-only file `.kintsugi-status` in the root (found by lookup, never listed) holds the
+//! host's counters as JSON. Whoever can reach the mount can use them; nothing else (no socket, no
+//! pid file) has to be found or cleaned up. getxattr answers ENOSYS once, so the kernel stops
+//! asking: otherwise it asks for `security.capability` before every single write.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -33,8 +35,12 @@ const TTL: Duration = Duration::from_secs(1);
 pub const MAX_WRITE: u32 = 128 << 10;
 /// Name of the fault-injection xattr.
 pub const XATTR_FAULT: &str = "user.kintsugi.fault";
-/// Name of the status xattr.
-pub const XATTR_STATUS: &str = "user.kintsugi.status";
+/// Name of the hidden status file in the mount's root.
+pub const STATUS_FILE: &str = ".kintsugi-status";
+/// Its node number (never a module's: those are small).
+const STATUS_INO: u64 = u64::MAX - 1;
+/// Its open-file handle.
+const STATUS_FH: u64 = u64::MAX - 1;
 
 /// One open file in the host's table.
 #[derive(Debug, Clone, Copy)]
@@ -241,6 +247,27 @@ impl HostFs {
         Ok(())
     }
 
+    fn status_attr(&self) -> FileAttr {
+        let now = SystemTime::now();
+        FileAttr {
+            ino: INodeNo(STATUS_INO),
+            size: 4096,
+            blocks: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            kind: FileType::RegularFile,
+            perm: 0o444,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
     fn status(&self) -> Vec<u8> {
         let mut j = self.stats.json(self.backend.level(), &self.module);
         j["store_free_blocks"] = self.backend.store().free_blocks().into();
@@ -262,6 +289,9 @@ impl Filesystem for HostFs {
     }
 
     fn lookup(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 == Ino::ROOT.0 && name == STATUS_FILE {
+            return reply.entry(&Duration::ZERO, &self.status_attr(), Generation(0));
+        }
         let r = self.call(
             ctx(req),
             Op::Lookup {
@@ -289,6 +319,9 @@ impl Filesystem for HostFs {
         _fh: Option<FileHandle>,
         reply: ReplyAttr,
     ) {
+        if ino.0 == STATUS_INO {
+            return reply.attr(&Duration::ZERO, &self.status_attr());
+        }
         match self.call(ctx(req), Op::Getattr { ino: Ino(ino.0) }) {
             Reply::Attr(a) => reply.attr(&TTL, &fuse_attr(&a)),
             Reply::Err(e) => reply.error(err(e)),
@@ -314,6 +347,9 @@ impl Filesystem for HostFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if ino.0 == STATUS_INO {
+            return reply.error(fuser::Errno::EACCES);
+        }
         let set = SetAttr {
             mode,
             uid,
@@ -467,6 +503,13 @@ impl Filesystem for HostFs {
     }
 
     fn open(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 == STATUS_INO {
+            if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+                return reply.error(fuser::Errno::EACCES);
+            }
+            // Direct I/O: every read asks us, nothing stale from the page cache.
+            return reply.opened(FileHandle(STATUS_FH), FopenFlags::FOPEN_DIRECT_IO);
+        }
         match self.call(
             ctx(req),
             Op::Open {
@@ -491,6 +534,12 @@ impl Filesystem for HostFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if ino.0 == STATUS_INO {
+            let v = self.status();
+            let start = (offset as usize).min(v.len());
+            let end = (start + size as usize).min(v.len());
+            return reply.data(&v[start..end]);
+        }
         let op = Op::Read {
             ino: Ino(ino.0),
             fh: self.module_fh(fh),
@@ -559,6 +608,9 @@ impl Filesystem for HostFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if ino.0 == STATUS_INO {
+            return reply.ok();
+        }
         let of = self
             .files
             .lock()
@@ -661,31 +713,18 @@ impl Filesystem for HostFs {
     fn getxattr(
         &self,
         _req: &fuser::Request,
-        ino: INodeNo,
-        name: &OsStr,
-        size: u32,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
         reply: ReplyXattr,
     ) {
-        if ino.0 == Ino::ROOT.0 && name == XATTR_STATUS {
-            let v = self.status();
-            if size == 0 {
-                reply.size(v.len() as u32);
-            } else if (size as usize) < v.len() {
-                reply.error(fuser::Errno::ERANGE);
-            } else {
-                reply.data(&v);
-            }
-        } else {
-            reply.error(fuser::Errno::EOPNOTSUPP);
-        }
+        // ENOSYS makes the kernel stop asking (it would otherwise look up security.capability
+        // before every write: one more round trip each).
+        reply.error(fuser::Errno::ENOSYS);
     }
 
-    fn listxattr(&self, _req: &fuser::Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+    fn listxattr(&self, _req: &fuser::Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(fuser::Errno::ENOSYS);
     }
 
     fn removexattr(&self, _req: &fuser::Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {

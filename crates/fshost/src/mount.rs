@@ -17,7 +17,7 @@ use sys::process::Fork;
 
 use crate::HostError;
 use crate::backend::{Backend, Level, OnCrash, Stats};
-use crate::fuse::{HostFs, XATTR_FAULT, XATTR_STATUS};
+use crate::fuse::{HostFs, STATUS_FILE, XATTR_FAULT};
 use crate::pm::Fault;
 use crate::store::Store;
 use crate::wire::OpClass;
@@ -253,21 +253,20 @@ fn serve_inner(
     session.run().map_err(|e| HostError::Mount(path_str(mp), e))
 }
 
-/// The host's counters (`user.kintsugi.status`).
+/// The host's counters (the hidden `.kintsugi-status` file in the mount's root).
 pub fn status(mountpoint: &Path) -> Result<serde_json::Value, HostError> {
-    let mut buf = vec![0u8; 4096];
-    let n = rustix::fs::getxattr(mountpoint, XATTR_STATUS, &mut buf).map_err(|e| match e {
-        rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NODATA => {
-            HostError::NotOurs(path_str(mountpoint), XATTR_STATUS)
+    let p = mountpoint.join(STATUS_FILE);
+    let text = std::fs::read(&p).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory => {
+            HostError::NotOurs(path_str(mountpoint), STATUS_FILE)
         }
-        e => HostError::Io {
-            what: "reading the status attribute",
-            path: path_str(mountpoint),
-            source: e.into(),
+        _ => HostError::Io {
+            what: "reading the status file",
+            path: path_str(&p),
+            source: e,
         },
     })?;
-    serde_json::from_slice(&buf[..n])
-        .map_err(|_| HostError::NotOurs(path_str(mountpoint), XATTR_STATUS))
+    serde_json::from_slice(&text).map_err(|_| HostError::NotOurs(path_str(mountpoint), STATUS_FILE))
 }
 
 /// Crashes the live module on demand: now (idle) or during the next request of `class`.

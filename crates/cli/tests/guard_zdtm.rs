@@ -214,6 +214,47 @@ fn append_only_log_file() {
 }
 
 #[test]
+fn shared_file_mapping() {
+    let f = work_dir().join("shared.map");
+    case("sharedmap", &[N, f.to_str().unwrap()], Crash::App, None);
+    case("sharedmap", &[N, f.to_str().unwrap()], Crash::Both, None);
+}
+
+#[test]
+fn one_guard_per_image_directory() {
+    let bin = prog("counter");
+    let dir = work_dir().join("img-lock");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut first = Command::new(KINTSUGI)
+        .args(["guard", "--images"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&bin)
+        .arg("100")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while status(&dir).is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let second = Command::new(KINTSUGI)
+        .args(["guard", "--images"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&bin)
+        .arg("5")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_ne!(second.status.code(), Some(0));
+    assert!(err.contains("in use by another running guard"), "{err}");
+    assert_eq!(wait_deadline(&mut first, 30), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn timers_and_signal_handler() {
     case("timer", &[N], Crash::App, None);
     case("timer", &[N], Crash::Both, None);

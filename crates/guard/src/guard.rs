@@ -102,6 +102,8 @@ pub struct Guard {
     /// The next layer must be written as full (nothing before it can be relied on).
     next_full: bool,
     status: Status,
+    /// Exclusive lock on DIR/lock: one guard per image directory.
+    _lock: std::fs::File,
 }
 
 /// The guard's fds a launched program inherits (everything not close-on-exec), as
@@ -201,6 +203,7 @@ impl Guard {
                 "no command given: kintsugi guard -- CMD ARGS…".into(),
             ));
         }
+        let lock = lock_dir(&opts.images)?;
         prepare_dir(&opts.images)?;
         let path = resolve(&argv[0])?;
         let env: Vec<String> = std::env::vars_os()
@@ -286,6 +289,7 @@ impl Guard {
             next_seq: seq,
             next_full: true,
             status,
+            _lock: lock,
         })
     }
 
@@ -293,6 +297,7 @@ impl Guard {
     pub fn from_images(opts: Options) -> Result<Guard> {
         let filter = NotifyFilter::new(&log::trapped_numbers())
             .map_err(|e| Error::sys("building the seccomp filter", e))?;
+        let lock = lock_dir(&opts.images)?;
         let log = Arc::new(Mutex::new(Log::default()));
         let t0 = Instant::now();
         let r = crate::restore::restore(&opts.images, &filter)?;
@@ -322,6 +327,7 @@ impl Guard {
             next_full: false,
             status,
             opts,
+            _lock: lock,
         };
         g.adopt_log(&r.state, r.sockets);
         g.server = Some(start_server(r.listener, &g.log));
@@ -530,6 +536,29 @@ impl Guard {
             }
         }
     }
+}
+
+/// Locks `dir` for this guard, so two guards never write one image directory.
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::sys(format!("creating image directory {}", dir.display()), e))?;
+    let p = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| Error::sys(format!("opening {}", p.display()), e))?;
+    if !sys::guard_fd::try_lock_exclusive(&f)
+        .map_err(|e| Error::sys(format!("locking {}", p.display()), e))?
+    {
+        return Err(Error::Usage(format!(
+            "{} is in use by another running guard (see `kintsugi guard --status --images {}`); stop it or use another directory",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok(f)
 }
 
 fn prepare_dir(dir: &Path) -> Result<()> {

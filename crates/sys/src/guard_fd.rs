@@ -57,3 +57,14 @@ pub fn socket_info(fd: BorrowedFd<'_>) -> io::Result<SockInfo> {
         local,
     })
 }
+
+/// Takes an exclusive, non-blocking `flock` on `file`: `Ok(false)` if another process holds
+/// it. The lock lives as long as the file stays open.
+pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
+    use rustix::fs::{FlockOperation, flock};
+    match flock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -44,7 +44,7 @@ pub struct Args {
 /// `kintsugi __guard-bench-child …`: the guarded workload.
 #[derive(Debug, clap::Args)]
 pub struct ChildArgs {
-    /// "syscalls N" or "dirty RSS_MB RATE_MB_S READY_FILE".
+    /// "syscalls N", "dirty RSS_MB RATE_MB_S READY_FILE" or "counter N FILE".
     #[arg(trailing_var_arg = true)]
     pub args: Vec<String>,
 }
@@ -136,7 +136,25 @@ pub fn child(a: ChildArgs) -> anyhow::Result<ExitCode> {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        _ => bail!("usage: __guard-bench-child syscalls N | dirty RSS_MB RATE READY_FILE"),
+        Some("counter") => {
+            // The demo's program: a counter in heap memory, appended to a log file every 20 ms.
+            let n: u64 = a.args.get(1).context("counter N FILE")?.parse()?;
+            let path = a.args.get(2).context("counter N FILE")?;
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            let mut count = Box::new(0u64);
+            while *count < n {
+                writeln!(log, "{}", *count)?;
+                *count += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => bail!(
+            "usage: __guard-bench-child syscalls N | dirty RSS_MB RATE READY_FILE | counter N FILE"
+        ),
     }
 }
 

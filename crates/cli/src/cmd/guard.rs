@@ -44,7 +44,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 50ms or 1s"))?;
-    if !(v > 0.0) {
+    if v.is_nan() || v <= 0.0 {
         return Err(format!("{s:?}: the epoch must be positive"));
     }
     Ok(Duration::from_secs_f64(v * scale))

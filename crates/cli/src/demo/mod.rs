@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 pub mod fs;
+pub mod guard;
 pub mod rfork;
 pub mod watch;
 
@@ -29,6 +30,11 @@ const RUNGS: &[(&str, &str, Rung)] = &[
         "restart",
         "rfork and kintsugi run bring crashed processes back",
         rfork::run,
+    ),
+    (
+        "restore",
+        "a guarded program is SIGKILLed; the guard rebuilds it from its checkpoint by syscall replay",
+        guard::run,
     ),
     (
         "detect",

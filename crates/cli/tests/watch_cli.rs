@@ -14,6 +14,17 @@ fn tmp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(watch::faults::unique(name))
 }
 
+/// Removes the listed files and directories on drop, so a failing test leaves no litter.
+struct Cleanup(Vec<std::path::PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
+        }
+    }
+}
+
 /// Kills the monitor on drop, so a failing assertion leaves nothing running.
 struct Running(Child);
 
@@ -80,6 +91,7 @@ fn once_prints_every_check() {
 #[test]
 fn bad_config_is_refused_with_the_key_and_the_file() {
     let cfg = tmp("kintsugi-watch-bad.toml");
+    let _cleanup = Cleanup(vec![cfg.clone()]);
     std::fs::write(&cfg, "[fork]\nmax_per_second = 3\n").unwrap();
     let out = bin()
         .args(["watch", "--once", "--config"])
@@ -113,6 +125,7 @@ fn printed_config_is_a_valid_config() {
         .expect("run");
     assert!(out.status.success());
     let cfg = tmp("kintsugi-watch-printed.toml");
+    let _cleanup = Cleanup(vec![cfg.clone()]);
     std::fs::write(&cfg, &out.stdout).unwrap();
     let again = bin()
         .args(["watch", "--print-config", "--config"])
@@ -127,6 +140,7 @@ fn printed_config_is_a_valid_config() {
 fn json_stream_reports_a_fork_bomb_and_the_kill_of_its_cgroup() {
     let cfg = tmp("kintsugi-watch-cli.toml");
     let metrics = tmp("kintsugi-watch-cli.prom");
+    let _cleanup = Cleanup(vec![cfg.clone(), metrics.clone()]);
     std::fs::write(
         &cfg,
         "[[action]]\non = [\"fork_storm\"]\nkind = \"kill_cgroup\"\nallow = [\"/kintsugi-watch-bomb-*\"]\n",
@@ -202,6 +216,7 @@ fn json_stream_reports_a_fork_bomb_and_the_kill_of_its_cgroup() {
 fn two_monitors_watch_each_other_and_report_a_frozen_peer() {
     let dir = tmp("kintsugi-watch-peers");
     std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Cleanup(vec![dir.clone()]);
     let beat = dir.join("a.beat");
     let a = bin()
         .args(["watch", "--json", "--duration", "30", "--beat-file"])
@@ -272,6 +287,7 @@ fn two_monitors_watch_each_other_and_report_a_frozen_peer() {
 fn lost_heartbeat_restarts_a_service_under_kintsugi_run() {
     let dir = tmp("kintsugi-watch-svc");
     std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Cleanup(vec![dir.clone()]);
     let beat = dir.join("beat");
     let gens = dir.join("generations");
     // Every generation beats ten times, 100 ms apart, then hangs: only a restart revives it.

@@ -114,6 +114,17 @@ impl Drop for Harness {
     }
 }
 
+/// Removes the listed files and directories on drop, so a failing test leaves no litter.
+struct Cleanup(Vec<std::path::PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
+        }
+    }
+}
+
 fn quiet_config() -> Config {
     // Only the detector under test acts; the rest still run (they are part of the monitor).
     Config::default()
@@ -222,6 +233,7 @@ fn stopped_heartbeat_is_detected_and_the_supervisor_signalled() {
     let dir = std::env::temp_dir();
     let beat_path = dir.join(faults::unique("kintsugi-watch-test-beat"));
     let marker = dir.join(faults::unique("kintsugi-watch-test-hup"));
+    let _cleanup = Cleanup(vec![beat_path.clone(), marker.clone()]);
     // A stand-in supervisor that records the restart request it receives.
     let mut sup = std::process::Command::new("/bin/sh")
         .arg("-c")
@@ -373,6 +385,7 @@ fn unanswering_fuse_daemon_piles_up_readers_and_is_detected_and_restarted() {
 fn stopped_rfork_worker_is_restarted_through_its_supervised_handle() {
     let dir = std::env::temp_dir().join(faults::unique("kintsugi-watch-rfork"));
     std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Cleanup(vec![dir.clone()]);
     let beat = dir.join("beat");
     let gens = dir.join("generations");
     let (b, g) = (beat.clone(), gens.clone());

@@ -491,6 +491,18 @@ impl Monitor {
                     }
                     t if (TOKEN_PSI..TOKEN_OOM).contains(&t) => {
                         let i = (t - TOKEN_PSI) as usize;
+                        // Copy out of the packed epoll_event before borrowing.
+                        let flags = { ev.flags };
+                        if flags.intersects(epoll::EventFlags::ERR | epoll::EventFlags::HUP) {
+                            // POLLERR: the kernel destroyed the trigger. Stop polling it (it
+                            // would report the error on every wait) and keep the tick.
+                            if let Some(p) = self.psi.get(i) {
+                                let _ = epoll::delete(&self.epoll, p);
+                                self.degraded
+                                    .push(format!("psi {}: trigger destroyed", p.resource.path()));
+                            }
+                            continue;
+                        }
                         if let Some(stall) = self.psi.get_mut(i).and_then(|p| p.confirm(now)) {
                             let r = self.psi[i].resource;
                             for d in self.detectors() {
@@ -612,7 +624,12 @@ impl Monitor {
             let rec = match self.kmsg.as_mut().map(|k| k.next_record()) {
                 Some(Ok(Some(r))) => r,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "reading /dev/kmsg failed");
+                    // A level-triggered fd that keeps failing would spin the loop: drop it.
+                    tracing::warn!(error = %e, "reading /dev/kmsg failed; no longer watching it");
+                    if let Some(k) = self.kmsg.take() {
+                        let _ = epoll::delete(&self.epoll, &k);
+                    }
+                    self.degraded.push(format!("kmsg: read failed: {e}"));
                     return;
                 }
                 _ => return,

@@ -110,3 +110,40 @@ fn umount_ends_the_host_and_module_processes() {
     assert!(gone(host), "host {host} still running after umount");
     assert!(gone(module), "module {module} still running after umount");
 }
+
+/// SIGTERM to the host unmounts cleanly instead of leaving a dead (ENOTCONN) mount behind.
+#[test]
+fn sigterm_to_the_host_unmounts_cleanly() {
+    for level in [5, 4] {
+        let m = Mount::new(level, &[]);
+        write_acked(&m.path("f"), b"x");
+        let host = m.status()["host_pid"].as_i64().unwrap() as i32;
+        assert_eq!(kill_cmd(host, "TERM"), 0);
+        let mounted = || {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(m.dir.to_str().unwrap())
+        };
+        let t = std::time::Instant::now();
+        while mounted() && t.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(
+            !mounted(),
+            "level {level}: still mounted 5 s after SIGTERM to the host"
+        );
+        assert!(
+            std::fs::read_dir(&m.dir).is_ok(),
+            "level {level}: the directory is left unusable"
+        );
+    }
+}
+
+/// `kill -SIG pid` through the kill(1) command (tests stay free of unsafe).
+fn kill_cmd(pid: i32, sig: &str) -> i32 {
+    std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map_or(-1, |s| s.code().unwrap_or(-1))
+}

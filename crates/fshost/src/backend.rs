@@ -354,6 +354,8 @@ fn spawn_module(
     rfork::spawn(&cfg, move |_worker| {
         let _ = sys::process::set_name("kintsugi-fsmod");
         let _ = sys::process::set_parent_death_signal(libc::SIGKILL);
+        // The host blocks its stop signals; the module must die of them like any process.
+        let _ = sys::signal::unblock_all();
         let mut module = module
             .take()
             .expect("the worker closure runs once per process");

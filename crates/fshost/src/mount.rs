@@ -230,9 +230,12 @@ fn serve_inner(
     ready: &mut Option<OwnedFd>,
 ) -> Result<(), HostError> {
     let mp = &opts.mountpoint;
+    // Before any thread exists (the module supervisor's included), so every thread inherits it.
+    let set = block_stop_signals()?;
     let Some(module) = module else {
         let session = fuser::Session::new(crate::plain::PlainFs::new(), mp, &fuse_config(PLAIN))
             .map_err(|e| HostError::Mount(path_str(mp), e))?;
+        unmount_on_signals(mp, set);
         tell(ready, "ok\n");
         return session.run().map_err(|e| HostError::Mount(path_str(mp), e));
     };
@@ -246,11 +249,46 @@ fn serve_inner(
     };
     let fs = HostFs::new(backend, name.clone(), stats);
     fs.mkfs().map_err(HostError::Mkfs)?;
+    unmount_on_signals(mp, set);
     let session = fuser::Session::new(fs, mp, &fuse_config(&name))
         .map_err(|e| HostError::Mount(path_str(mp), e))?;
     tracing::info!(mountpoint = %mp.display(), module = %name, level = opts.level.number(), "serving");
     tell(ready, "ok\n");
     session.run().map_err(|e| HostError::Mount(path_str(mp), e))
+}
+
+/// SIGTERM, SIGINT and SIGHUP unmount the file system (lazily if it is busy) instead of killing
+/// the host and leaving a dead mount behind; the session loop then ends normally. The signals are
+/// blocked in this thread before the FUSE threads start, so only the waiter thread takes them.
+fn block_stop_signals() -> Result<nix::sys::signal::SigSet, HostError> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set.thread_block()
+        .map_err(|e| HostError::Daemon(format!("blocking signals: {e}")))?;
+    Ok(set)
+}
+
+fn unmount_on_signals(mp: &Path, set: nix::sys::signal::SigSet) {
+    let mp = mp.to_path_buf();
+    let r = std::thread::Builder::new()
+        .name("fs-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = set.wait() {
+                tracing::info!(?sig, mountpoint = %mp.display(), "unmounting on signal");
+                if rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::empty()).is_err() {
+                    let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
+                }
+            }
+        })
+        .map(drop);
+    if let Err(e) = r {
+        tracing::warn!(
+            "no signal thread ({e}): SIGTERM will leave a dead mount; use kintsugi umount"
+        );
+    }
 }
 
 /// The host's counters (the hidden `.kintsugi-status` file in the mount's root).

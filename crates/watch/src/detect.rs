@@ -93,6 +93,19 @@ impl Latch {
     }
 }
 
+/// The top frames of a task's kernel stack, `a <- b <- c`, or "" when unreadable.
+fn kernel_stack(tgid: i32, tid: i32) -> String {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/stack")) else {
+        return String::new();
+    };
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|f| f.split('+').next().unwrap_or(f))
+        .take(6)
+        .collect::<Vec<_>>()
+        .join(" <- ")
+}
+
 fn comm_of(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
@@ -312,6 +325,13 @@ impl Detector for BlockedGrowth {
                     let mut sample = tids.clone();
                     sample.sort_unstable();
                     sample.truncate(8);
+                    // The kernel stack of one waiter names the driver (slow path, once per
+                    // report; needs CAP_SYS_ADMIN, so it may be missing).
+                    let stack = sample
+                        .first()
+                        .and_then(|tid| s.dstate.iter().find(|t| t.tid == *tid))
+                        .map(|t| kernel_stack(t.tgid, t.tid))
+                        .unwrap_or_default();
                     out.detections.push(Detection::new(
                         FaultKind::HungDriver,
                         "proc_stat",
@@ -319,7 +339,7 @@ impl Detector for BlockedGrowth {
                         format!(
                             "{total} tasks blocked in D state at {wchan} ({stuck} not scheduled \
                              since the previous sweep; {before} before), e.g. pids {sample:?}; \
-                             psi io stall {} ms/2 s",
+                             psi io stall {} ms/2 s; stack: {stack}",
                             self.last_psi_stall_us / 1000
                         ),
                     ));

@@ -357,13 +357,35 @@ fn unanswering_fuse_daemon_piles_up_readers_and_is_detected_and_restarted() {
         lat < 2000.0,
         "hung task reported {lat:.0} ms after its threshold ({d:?})"
     );
+    // Ours: the report names one of our readers (other tests may hang tasks meanwhile).
+    let ours = |d: &Detection| {
+        hang.readers.iter().any(|r| {
+            let r = r.as_raw();
+            [
+                format!("[{r},"),
+                format!(" {r},"),
+                format!(" {r}]"),
+                format!("[{r}]"),
+            ]
+            .iter()
+            .any(|p| d.detail.contains(p.as_str()))
+        })
+    };
     let driver = h.seen.iter().find_map(|e| match e {
         Event::Detection {
             mono_ns, detection, ..
-        } if detection.fault == FaultKind::HungDriver => Some(*mono_ns),
+        } if detection.fault == FaultKind::HungDriver && ours(detection) => {
+            Some((*mono_ns, detection.detail.clone()))
+        }
         _ => None,
     });
-    let t_driver = driver.unwrap_or_else(|| panic!("pile-up not detected: {:#?}", h.seen));
+    let (t_driver, detail) =
+        driver.unwrap_or_else(|| panic!("pile-up not detected: {:#?}", h.seen));
+    eprintln!("pile-up: {detail}");
+    assert!(
+        detail.contains("fuse"),
+        "the waiter's kernel stack names the driver: {detail}"
+    );
     let lat = ms_since(t_driver, pile_up);
     assert!(
         lat < 2000.0,

@@ -141,9 +141,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .command
         .split_first()
         .context("no command given after --")?;
+    // A crash-looping child triggers one event per restart: restart lines are rate-limited
+    // (burst 20, then 10/s); the next line that gets through says how many were dropped.
+    let mut limiter = RateLimit::new(20.0, 10.0);
     let outcome = rfork::command::supervise(program, args, &cfg, |ev| {
         let pid = ev.pid.as_raw();
         let reason = ev.reason.to_string();
+        if ev.kind == EventKind::Restarted && !limiter.allow() {
+            return;
+        }
+        let suppressed = if ev.kind == EventKind::Restarted {
+            limiter.take_suppressed()
+        } else {
+            0
+        };
         match ev.kind {
             EventKind::Started => tracing::info!(
                 event = "started",
@@ -157,6 +168,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 generation = ev.generation,
                 reason,
                 restarts_in_window = ev.restarts_in_window,
+                suppressed,
                 "child restarted"
             ),
             EventKind::Removed => tracing::info!(
@@ -188,5 +200,58 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(126))
         }
         Err(e) => Err(e).context("kintsugi run"),
+    }
+}
+
+/// Token bucket for log lines a faulty child can trigger.
+#[derive(Debug)]
+struct RateLimit {
+    tokens: f64,
+    burst: f64,
+    per_sec: f64,
+    last: std::time::Instant,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn new(burst: f64, per_sec: f64) -> RateLimit {
+        RateLimit {
+            tokens: burst,
+            burst,
+            per_sec,
+            last: std::time::Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_sec;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimit;
+
+    #[test]
+    fn rate_limit_allows_the_burst_then_counts_what_it_drops() {
+        let mut r = RateLimit::new(3.0, 0.001);
+        assert_eq!((0..10).filter(|_| r.allow()).count(), 3);
+        assert_eq!(r.take_suppressed(), 7);
+        assert_eq!(r.take_suppressed(), 0);
     }
 }

@@ -255,6 +255,12 @@ fn one_guard_per_image_directory() {
 }
 
 #[test]
+fn four_threads_each_with_own_state() {
+    case("threads", &[N], Crash::App, None);
+    case("threads", &[N], Crash::Both, None);
+}
+
+#[test]
 fn timers_and_signal_handler() {
     case("timer", &[N], Crash::App, None);
     case("timer", &[N], Crash::Both, None);

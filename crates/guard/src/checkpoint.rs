@@ -37,6 +37,8 @@ pub struct Incarnation {
     known: Vec<Vma>,
     insn: Option<u64>,
     brk: u64,
+    /// Clear-child-tid address per thread (host tid).
+    clear_tids: std::collections::HashMap<Pid, u64>,
 }
 
 /// What one checkpoint cost.
@@ -58,6 +60,7 @@ impl Incarnation {
             known: Vec::new(),
             insn: None,
             brk: 0,
+            clear_tids: Default::default(),
         })
     }
 
@@ -79,6 +82,7 @@ impl Incarnation {
             known,
             insn: None,
             brk,
+            clear_tids: Default::default(),
         })
     }
 
@@ -133,15 +137,18 @@ impl Incarnation {
         seq: u64,
     ) -> Result<(Layer, EpochStats)> {
         let t0 = Instant::now();
-        let t = ptrace::seize(self.pid, ptrace::O_TRACESYSGOOD | ptrace::O_SUSPEND_SECCOMP)
-            .map_err(|e| Error::sys("ptrace seize of the program", e))?;
-        let mut t = t
-            .interrupt()
-            .map_err(|e| Error::sys("stopping the program", e))?;
+        let mut threads = self.stop_all()?;
         let t1 = t0.elapsed();
-        let res = self.stopped_checkpoint(&mut t, prog, log, seq);
+        let res = self.stopped_checkpoint(&mut threads, prog, log, seq);
         let t2 = t0.elapsed();
-        let detach = t.detach();
+        let mut detach = Ok(());
+        // Other threads first: the leader last, so nothing runs before every thread is free.
+        for t in threads.into_iter().rev() {
+            let r = t.detach();
+            if detach.is_ok() {
+                detach = r.map(|_| ());
+            }
+        }
         let pause = t0.elapsed();
         tracing::debug!(target: "guard", "epoch {seq}: stop {t1:?}, capture {:?}, resume {:?}", t2 - t1, pause - t2);
         let layer = res?;
@@ -150,9 +157,80 @@ impl Incarnation {
         Ok((layer, EpochStats { pause, page_bytes }))
     }
 
+    /// Seizes and stops every thread (leader first), re-listing until no new thread appeared
+    /// (a running thread may create one while we stop the others).
+    fn stop_all(&mut self) -> Result<Vec<Tracee<Stopped>>> {
+        let opts = ptrace::O_TRACESYSGOOD | ptrace::O_SUSPEND_SECCOMP;
+        let mut stopped: Vec<Tracee<Stopped>> = Vec::new();
+        let stop = |tid: Pid| -> std::io::Result<Tracee<Stopped>> {
+            ptrace::seize(tid, opts)?.interrupt()
+        };
+        match stop(self.pid) {
+            Ok(t) => stopped.push(t),
+            Err(e) => return Err(Error::sys("stopping the program", e)),
+        }
+        loop {
+            let tids = procfs::tasks(self.pid);
+            let new: Vec<Pid> = tids
+                .into_iter()
+                .filter(|t| !stopped.iter().any(|s| s.pid() == *t))
+                .collect();
+            if new.is_empty() {
+                return Ok(stopped);
+            }
+            for tid in new {
+                match stop(tid) {
+                    Ok(t) => stopped.push(t),
+                    // The thread exited meanwhile.
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::ESRCH) || ptrace::ended(&e).is_some() => {
+                    }
+                    Err(e) => {
+                        for t in stopped.into_iter().rev() {
+                            let _ = t.detach();
+                        }
+                        return Err(Error::sys("stopping a thread of the program", e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Per-thread state that only the thread itself can report: its clear-child-tid address
+    /// (`prctl(PR_GET_TID_ADDRESS)`, injected; the result lands below the red zone of its
+    /// stack, whose bytes are put back). Cached: it is set once per thread.
+    fn clear_tid(&mut self, t: &mut Tracee<Stopped>) -> Result<u64> {
+        if let Some(&a) = self.clear_tids.get(&t.pid()) {
+            return Ok(a);
+        }
+        let regs = t.regs().map_err(|e| Error::sys("reading registers", e))?;
+        let slot = (regs.rsp - 512) & !7;
+        let mem = sys::remote_mem::MemFile::open(self.pid)
+            .map_err(|e| Error::sys("opening /proc/PID/mem", e))?;
+        let mut saved = [0u8; 8];
+        mem.read_exact_at(slot, &mut saved)
+            .map_err(|e| Error::sys("reading the stack", e))?;
+        let r = self.inject(
+            t,
+            libc::SYS_prctl,
+            [libc::PR_GET_TID_ADDRESS as u64, slot, 0, 0, 0, 0],
+        );
+        let mut got = [0u8; 8];
+        let read = mem.read_exact_at(slot, &mut got);
+        let put = mem.write_all_at(slot, &saved);
+        t.restore_regs(&regs)
+            .map_err(|e| Error::sys("restoring registers after injection", e))?;
+        r?;
+        read.and(put)
+            .map_err(|e| Error::sys("reading the clear-child-tid address", e))?;
+        let a = u64::from_le_bytes(got);
+        self.clear_tids.insert(t.pid(), a);
+        Ok(a)
+    }
+
     fn stopped_checkpoint(
         &mut self,
-        t: &mut Tracee<Stopped>,
+        threads: &mut [Tracee<Stopped>],
         prog: &Program,
         log: &Mutex<Log>,
         seq: u64,
@@ -163,14 +241,10 @@ impl Incarnation {
         let mut lg = log.lock().unwrap_or_else(|p| p.into_inner());
         let sys_err = |what: &'static str| move |e: std::io::Error| Error::sys(what, e);
         lap.push(("status", lt.elapsed()));
-        let (caught, ignored, umask, threads) =
+        let (caught, ignored, umask, threads_n) =
             procfs::status(pid).map_err(sys_err("reading /proc/PID/status"))?;
+        let _ = threads_n;
         let mut refusals = lg.refusals.clone();
-        if threads > 1 {
-            refusals.push(format!(
-                "{threads} threads: multithreaded programs are not restorable yet"
-            ));
-        }
         let children =
             std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
         if !children.trim().is_empty() {
@@ -180,13 +254,13 @@ impl Incarnation {
             ));
         }
         lap.push(("status+children", lt.elapsed()));
+        let (leader, others) = threads.split_first_mut().expect("the leader is stopped");
+        let t = leader;
         let regs = t.regs().map_err(sys_err("reading registers"))?;
-        let xstate = t.xstate().map_err(sys_err("reading FPU state"))?;
-        let sigmask = t.sigmask().map_err(sys_err("reading the signal mask"))?;
-        let rseq = t.rseq().map_err(sys_err("reading the rseq registration"))?;
         if lg.exec_seen {
             self.tracker = None;
             self.insn = None;
+            self.clear_tids.clear();
         }
         if self.tracker.is_none() || lg.brk_changed || self.brk == 0 {
             if self.tracker.is_none() {
@@ -195,6 +269,22 @@ impl Incarnation {
             self.brk = self.inject(t, libc::SYS_brk, [0; 6])? as u64;
             t.restore_regs(&regs)
                 .map_err(sys_err("restoring registers after injection"))?;
+        }
+        let mut thread_states = Vec::with_capacity(1 + others.len());
+        for t in std::iter::once(t).chain(others.iter_mut()) {
+            let clear_tid = self.clear_tid(t)?;
+            let regs = t.regs().map_err(sys_err("reading registers"))?;
+            let tid = t.pid();
+            thread_states.push(ThreadState {
+                tid: procfs::ns_tid(pid, tid).unwrap_or(1),
+                regs: regs_to_words(&ptrace::restart_fixup(&regs, true)),
+                xstate: t.xstate().map_err(sys_err("reading FPU state"))?,
+                sigmask: t.sigmask().map_err(sys_err("reading the signal mask"))?,
+                rseq: t.rseq().map_err(sys_err("reading the rseq registration"))?,
+                altstack: lg.altstacks.get(&tid.as_raw()).copied(),
+                robust: ptrace::robust_list(tid).ok().filter(|r| r.0 != 0),
+                clear_tid,
+            });
         }
         lap.push(("regs+inject", lt.elapsed()));
         let tracker = self.tracker.as_ref().expect("armed above");
@@ -264,15 +354,6 @@ impl Incarnation {
         mm.brk = self.brk;
         lap.push(("mm", lt.elapsed()));
         let sigactions = lg.commit_sigactions(caught, ignored);
-        let fixed = ptrace::restart_fixup(&regs, true);
-        let thread = ThreadState {
-            tid: 1,
-            regs: regs_to_words(&fixed),
-            xstate,
-            sigmask,
-            rseq,
-            altstack: lg.altstack,
-        };
         let state = ProcState {
             argv: prog.argv.clone(),
             exe,
@@ -284,7 +365,7 @@ impl Incarnation {
             ignored,
             itimers: lg.itimers.values().copied().collect(),
             mm,
-            threads: vec![thread],
+            threads: thread_states,
             refusals,
         };
         lg.rebaseline.clear();

@@ -329,19 +329,24 @@ impl Guard {
             opts,
             _lock: lock,
         };
-        g.adopt_log(&r.state, r.sockets);
+        g.adopt_log(&r.state, r.sockets, r.altstacks);
         g.server = Some(start_server(r.listener, &g.log));
         Ok(g)
     }
 
-    fn adopt_log(&mut self, st: &crate::model::ProcState, sockets: crate::procfs::SocketLog) {
+    fn adopt_log(
+        &mut self,
+        st: &crate::model::ProcState,
+        sockets: crate::procfs::SocketLog,
+        altstacks: std::collections::BTreeMap<i32, (u64, i32, u64)>,
+    ) {
         let mut l = self.log.lock().unwrap_or_else(|p| p.into_inner());
         let trapped = l.trapped;
         *l = Log::default();
         l.trapped = trapped;
         l.committed_sigactions = st.sigactions.iter().copied().collect();
         l.itimers = st.itimers.iter().map(|t| (t.which, *t)).collect();
-        l.altstack = st.threads.first().and_then(|t| t.altstack);
+        l.altstacks = altstacks;
         l.sockets = sockets;
     }
 
@@ -516,7 +521,7 @@ impl Guard {
                 self.inc = r.inc;
                 self.next_seq = r.seq + 1;
                 self.next_full = false;
-                self.adopt_log(&r.state, r.sockets);
+                self.adopt_log(&r.state, r.sockets, r.altstacks);
                 self.server = Some(start_server(r.listener, &self.log));
                 self.status.restores += 1;
                 self.status.app_pid = self.inc.pid.as_raw();

@@ -122,7 +122,8 @@ pub struct Log {
     /// Committed handlers (carried across epochs).
     pub committed_sigactions: BTreeMap<i32, SigAction>,
     pub itimers: BTreeMap<i32, ITimer>,
-    pub altstack: Option<(u64, i32, u64)>,
+    /// sigaltstack per thread (host tid).
+    pub altstacks: BTreeMap<i32, (u64, i32, u64)>,
     pub sockets: SocketLog,
     /// Address ranges whose contents were replaced or discarded (mmap MAP_FIXED, madvise
     /// DONTNEED…): mappings overlapping them are captured in full at the next checkpoint.
@@ -268,7 +269,8 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
         }
         libc::SYS_sigaltstack => {
             if let Some(w) = read_words::<3>(pid, a[0]) {
-                log.altstack = Some((w[0], w[1] as i32, w[2]));
+                log.altstacks
+                    .insert(n.pid as i32, (w[0], w[1] as i32, w[2]));
             }
             Verdict::Continue
         }

@@ -158,6 +158,12 @@ pub struct ThreadState {
     pub rseq: Option<(u64, u32, u32)>,
     /// `sigaltstack` `(sp, flags, size)`.
     pub altstack: Option<(u64, i32, u64)>,
+    /// Robust futex list `(head, len)` (`set_robust_list`).
+    #[serde(default)]
+    pub robust: Option<(u64, u64)>,
+    /// Clear-child-tid address (`set_tid_address`): what pthread_join waits on.
+    #[serde(default)]
+    pub clear_tid: u64,
 }
 
 /// Everything the restorer needs besides page contents.

@@ -78,6 +78,30 @@ pub fn parse_maps_line(line: &str) -> Option<Vma> {
     })
 }
 
+/// Thread ids of `pid` (host namespace), the leader first.
+pub fn tasks(pid: Pid) -> Vec<Pid> {
+    let mut v: Vec<Pid> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|s| s.parse().ok())
+                        .and_then(Pid::from_raw)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by_key(|t| (*t != pid, t.as_raw()));
+    v
+}
+
+/// A thread's id inside the program's pid namespace (last field of `NSpid`).
+pub fn ns_tid(pid: Pid, tid: Pid) -> Option<i32> {
+    let t = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    field(&t, "NSpid:")?.split_whitespace().last()?.parse().ok()
+}
+
 /// Whether a mapping's writes are tracked by the uffd-wp tracker.
 pub fn trackable(v: &Vma) -> bool {
     matches!(

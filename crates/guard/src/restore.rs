@@ -38,6 +38,8 @@ pub struct Restored {
     pub state: ProcState,
     /// Socket facts re-keyed by the new sockets' inodes.
     pub sockets: SocketLog,
+    /// sigaltstack per thread, by the new host tids.
+    pub altstacks: std::collections::BTreeMap<i32, (u64, i32, u64)>,
     pub page_bytes: u64,
 }
 
@@ -109,11 +111,8 @@ pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
     if !chain.state.refusals.is_empty() {
         return Err(Error::NotRestorable(chain.state.refusals.join("; ")));
     }
-    if chain.state.threads.len() != 1 {
-        return Err(Error::NotRestorable(format!(
-            "{} threads recorded",
-            chain.state.threads.len()
-        )));
+    if chain.state.threads.is_empty() {
+        return Err(Error::Image("no thread recorded".into()));
     }
     // Writable files go back to their size at the checkpoint: what the program appended after
     // it is appended again when it re-runs.
@@ -138,7 +137,8 @@ pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
     let (stub, listener) = spawn_stub(filter)?;
     tracing::debug!(target: "guard", "restore: new process at {:?}", t0.elapsed());
     match drive(stub, &chain) {
-        Ok((inc, sockets)) => Ok(Restored {
+        Ok((inc, sockets, altstacks)) => Ok(Restored {
+            altstacks,
             inc,
             listener,
             seq: chain.top,
@@ -220,7 +220,9 @@ fn free_gap(chain: &Chain, stub_maps: &[crate::model::Vma]) -> u64 {
     }
 }
 
-fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog)> {
+type Altstacks = std::collections::BTreeMap<i32, (u64, i32, u64)>;
+
+fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)> {
     let st = &chain.state;
     let t = ptrace::seize(
         pid,
@@ -416,20 +418,8 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog)> {
     )?;
     restore_signals(&mut d, st)?;
     let th = &st.threads[0];
-    if let Some((sp, flags, size)) = th.altstack {
-        let mut b = sp.to_le_bytes().to_vec();
-        b.extend_from_slice(&(flags as u64).to_le_bytes());
-        b.extend_from_slice(&size.to_le_bytes());
-        let a = d.data(&b)?;
-        d.sys("sigaltstack", libc::SYS_sigaltstack, [a, 0, 0, 0, 0, 0])?;
-    }
-    if let Some((p, l, s)) = th.rseq {
-        d.sys(
-            "rseq register",
-            libc::SYS_rseq,
-            [p, u64::from(l), 0, u64::from(s), 0, 0],
-        )?;
-    }
+    let (insn, scr) = (d.insn, d.scratch);
+    thread_state(&mut d.t, &d.mem, insn, scr, th)?;
     // Arm dirty tracking of the rebuilt memory: the next layer is incremental over this one.
     tracing::debug!(target: "guard", "restore: kernel state replayed at {:?}", tf.elapsed());
     let uffd = d.sys(
@@ -453,6 +443,79 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog)> {
             known.push(v.clone());
         }
     }
+    // The other threads, each with its recorded tid (clone3 set_tid), started stopped.
+    let mut threads = Vec::new();
+    let mut altstacks = std::collections::BTreeMap::new();
+    if let Some(a) = th.altstack {
+        altstacks.insert(pid.as_raw(), a);
+    }
+    if st.threads.len() > 1 {
+        let opts = ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL | ptrace::O_SUSPEND_SECCOMP;
+        d.t.set_options(opts | ptrace::O_TRACECLONE)
+            .map_err(|e| Error::sys("tracing clones", e))?;
+        for ts in &st.threads[1..] {
+            let before = crate::procfs::tasks(pid);
+            let flags = (libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM) as u64;
+            // struct clone_args (v2, 88 bytes), then the set_tid array.
+            let set_tid_at = d.scratch + 64 + 88;
+            let mut b = Vec::with_capacity(96);
+            for w in [
+                flags,
+                0,
+                0,
+                0,
+                0,
+                d.scratch + 4096,
+                2048,
+                0,
+                set_tid_at,
+                1,
+                0,
+            ] {
+                b.extend_from_slice(&w.to_le_bytes());
+            }
+            b.extend_from_slice(&(ts.tid as u64).to_le_bytes());
+            let a = d.data(&b)?;
+            let got = d.sys(
+                &format!("clone3 thread {}", ts.tid),
+                libc::SYS_clone3,
+                [a, 88, 0, 0, 0, 0],
+            )?;
+            if got as i32 != ts.tid {
+                return Err(Error::Restore(format!(
+                    "thread came back as tid {got}, not {}",
+                    ts.tid
+                )));
+            }
+            let host = crate::procfs::tasks(pid)
+                .into_iter()
+                .find(|t| !before.contains(t))
+                .ok_or_else(|| Error::Restore(format!("thread {} not found in /proc", ts.tid)))?;
+            let mut nt = ptrace::adopt_new_thread(host)
+                .map_err(|e| Error::sys("taking over a new thread", e))?;
+            nt.set_options(opts)
+                .map_err(|e| Error::sys("setting thread options", e))?;
+            thread_state(&mut nt, &d.mem, d.insn, d.scratch, ts)?;
+            let cur = nt.regs().map_err(|e| Error::sys("reading registers", e))?;
+            nt.set_xstate(&ts.xstate)
+                .map_err(|e| Error::sys("loading FPU state", e))?;
+            nt.set_regs(&words_to_regs(&ts.regs, cur)?)
+                .map_err(|e| Error::sys("loading registers", e))?;
+            nt.set_sigmask(ts.sigmask)
+                .map_err(|e| Error::sys("loading the signal mask", e))?;
+            if let Some(a) = ts.altstack {
+                altstacks.insert(host.as_raw(), a);
+            }
+            threads.push(nt);
+        }
+        d.t.set_options(opts)
+            .map_err(|e| Error::sys("tracing clones", e))?;
+    }
     // Leave through the program's own vDSO, then drop the scratch page.
     d.insn = sys::remote_mem::find_syscall_insn(pid)
         .map_err(|e| Error::sys("finding a syscall instruction in the restored vDSO", e))?;
@@ -473,10 +536,71 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog)> {
     d.t.set_options(ptrace::O_TRACESYSGOOD)
         .map_err(|e| Error::sys("re-enabling seccomp", e))?;
     tracing::debug!(target: "guard", "restore: tracker armed at {:?}", tf.elapsed());
+    for mut nt in threads {
+        nt.set_options(ptrace::O_TRACESYSGOOD)
+            .map_err(|e| Error::sys("re-enabling seccomp", e))?;
+        nt.detach()
+            .map_err(|e| Error::sys("starting a restored thread", e))?;
+    }
     d.t.detach()
         .map_err(|e| Error::sys("starting the restored program", e))?;
     let inc = Incarnation::restored(pid, pidfd, tracker, known, st.mm.brk)?;
-    Ok((inc, sockets))
+    Ok((inc, sockets, altstacks))
+}
+
+/// Per-thread kernel state a thread must set itself: alternate signal stack, rseq, robust
+/// futex list, clear-child-tid address. Injected into `t` from the scratch page.
+fn thread_state(
+    t: &mut Tracee<Stopped>,
+    mem: &MemFile,
+    insn: u64,
+    scratch: u64,
+    th: &crate::model::ThreadState,
+) -> Result<()> {
+    let mut sys = |what: &str, nr: i64, args: [u64; 6]| -> Result<u64> {
+        let r = t
+            .inject_syscall(insn, nr, args)
+            .map_err(|e| Error::sys("driving the restored process", e))?;
+        if (-4095..0).contains(&r) {
+            return Err(Error::Restore(format!(
+                "{what} (thread {}): {}",
+                th.tid,
+                std::io::Error::from_raw_os_error(-r as i32)
+            )));
+        }
+        Ok(r as u64)
+    };
+    if let Some((sp, flags, size)) = th.altstack {
+        let mut b = sp.to_le_bytes().to_vec();
+        b.extend_from_slice(&(flags as u64).to_le_bytes());
+        b.extend_from_slice(&size.to_le_bytes());
+        let a = scratch + 64;
+        mem.write_all_at(a, &b)
+            .map_err(|e| Error::sys("writing the scratch page", e))?;
+        sys("sigaltstack", libc::SYS_sigaltstack, [a, 0, 0, 0, 0, 0])?;
+    }
+    if let Some((p, l, s)) = th.rseq {
+        sys(
+            "rseq register",
+            libc::SYS_rseq,
+            [p, u64::from(l), 0, u64::from(s), 0, 0],
+        )?;
+    }
+    if let Some((head, len)) = th.robust {
+        sys(
+            "set_robust_list",
+            libc::SYS_set_robust_list,
+            [head, len, 0, 0, 0, 0],
+        )?;
+    }
+    if th.clear_tid != 0 {
+        sys(
+            "set_tid_address",
+            libc::SYS_set_tid_address,
+            [th.clear_tid, 0, 0, 0, 0, 0],
+        )?;
+    }
+    Ok(())
 }
 
 fn set_mm(d: &mut Driver, st: &ProcState) -> Result<()> {

@@ -14,6 +14,8 @@ use crate::process::Pid;
 pub const O_SUSPEND_SECCOMP: u32 = 1 << 21;
 /// `PTRACE_O_TRACESYSGOOD`: syscall-stops report SIGTRAP|0x80.
 pub const O_TRACESYSGOOD: u32 = libc::PTRACE_O_TRACESYSGOOD as u32;
+/// `PTRACE_O_TRACECLONE`: threads the tracee creates are traced too, starting stopped.
+pub const O_TRACECLONE: u32 = libc::PTRACE_O_TRACECLONE as u32;
 /// `PTRACE_O_EXITKILL`: the tracee is SIGKILLed if the tracer exits (restore in progress).
 pub const O_EXITKILL: u32 = libc::PTRACE_O_EXITKILL as u32;
 
@@ -119,6 +121,46 @@ impl<S> Tracee<S> {
     /// The traced thread.
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+}
+
+/// Takes over a thread that was auto-attached (`O_TRACECLONE`) when a tracee created it: waits
+/// for its initial stop.
+pub fn adopt_new_thread(tid: Pid) -> io::Result<Tracee<Stopped>> {
+    loop {
+        let st = waitpid_all(tid)?;
+        if !libc::WIFSTOPPED(st) {
+            return Err(gone(tid, st));
+        }
+        if st >> 16 == PTRACE_EVENT_STOP || libc::WSTOPSIG(st) == libc::SIGSTOP {
+            return Ok(Tracee {
+                pid: tid,
+                pending: Vec::new(),
+                _s: PhantomData,
+            });
+        }
+        ptrace(libc::PTRACE_CONT, tid, 0, 0)?;
+    }
+}
+
+/// `get_robust_list(tid)`: the thread's robust futex list `(head, len)` (futexes the kernel
+/// releases when the thread dies).
+pub fn robust_list(tid: Pid) -> io::Result<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: u64 = 0;
+    // SAFETY: head and len are valid writable words for the kernel to fill.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid.as_raw(),
+            &mut head as *mut u64,
+            &mut len as *mut u64,
+        )
+    };
+    if r == 0 {
+        Ok((head, len))
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

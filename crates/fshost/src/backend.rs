@@ -129,7 +129,7 @@ pub enum Backend {
     Remote(Remote, Arc<Store>),
 }
 
-const DIRECT_OWNER: Owner = Owner(1000);
+const DIRECT_OWNER: Owner = Owner(255);
 
 impl Backend {
     /// Level 5: the module runs in this process.

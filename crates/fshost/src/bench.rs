@@ -22,6 +22,10 @@ pub struct Opts {
     pub compile_reps: usize,
     /// The `kintsugi` binary used to mount.
     pub exe: PathBuf,
+    /// Pin the benchmark and every file-system process it starts to this CPU. On this 2-vCPU
+    /// VM, unpinned FUSE round trips are bimodal (3× apart from one mount to the next,
+    /// depending on where the scheduler puts the daemon); same-core is the stable configuration.
+    pub cpu: Option<usize>,
 }
 
 /// One line of the result.
@@ -277,6 +281,13 @@ pub fn run_with_recovery(
     mut progress: impl FnMut(&str),
 ) -> Result<(Vec<Row>, Option<Recovery>), HostError> {
     let mut rec = None;
+    if let Some(c) = opts.cpu {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(c);
+        // Inherited by every mount daemon (and module process) spawned below.
+        rustix::thread::sched_setaffinity(None, &set)
+            .map_err(|e| io("pinning to a CPU (--cpu)", Path::new("/proc/self"))(e.into()))?;
+    }
     let base = std::env::temp_dir().join(format!("kintsugi-bench-fs-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(io("mkdir", &base))?;
     let systems: [(&'static str, Option<u8>); 4] = [

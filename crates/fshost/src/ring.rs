@@ -33,6 +33,8 @@ pub const UNDO_CAP: usize = 16 << 20;
 const HDR: usize = 4096;
 const H_DOORBELL: usize = 0;
 const H_IDLE_FAULT: usize = 4;
+/// 1 while the module sleeps on the doorbell: the host skips the wake syscall otherwise.
+const H_MODULE_SLEEPS: usize = 8;
 
 /// Slot states.
 pub const FREE: u32 = 0;
@@ -44,6 +46,8 @@ pub const DEAD: u32 = 4;
 const S_STATE: usize = 0;
 const S_FAULT: usize = 4;
 const S_LEN: usize = 8;
+/// 1 while the host sleeps on the slot's state word.
+const S_HOST_SLEEPS: usize = 16;
 
 /// How long to poll before sleeping on the futex. Polling yields the CPU each round: on this
 /// 2-core machine the client, the host and the module all want a core per request, and a
@@ -92,8 +96,17 @@ impl Ring {
     }
 
     fn ring_doorbell(&self) {
-        self.doorbell().fetch_add(1, Ordering::Release);
-        let _ = futex_wake(self.doorbell(), 1);
+        // SeqCst pairs with the sleeper's flag-then-wait (Dekker): either we see the flag and
+        // wake it, or its futex_wait sees the new doorbell value and does not sleep.
+        self.doorbell().fetch_add(1, Ordering::SeqCst);
+        if self
+            .region
+            .atomic_u32(H_MODULE_SLEEPS)
+            .load(Ordering::SeqCst)
+            != 0
+        {
+            let _ = futex_wake(self.doorbell(), 1);
+        }
     }
 
     /// Asks the module to run `fault` while idle (between requests).
@@ -179,7 +192,10 @@ impl Ring {
                 }
                 _ => {}
             }
+            let sleeps = self.region.atomic_u32(off + S_HOST_SLEEPS);
+            sleeps.store(1, Ordering::SeqCst);
             let _ = futex_wait(state, s, Some(Duration::from_millis(20)));
+            sleeps.store(0, Ordering::SeqCst);
         }
     }
 
@@ -249,8 +265,13 @@ impl Ring {
                     .store(n as u32, Ordering::Release);
                 // Only if still ours: the host may have given up on us after a deadline.
                 if st
-                    .compare_exchange(RUNNING, REPLY, Ordering::AcqRel, Ordering::Acquire)
+                    .compare_exchange(RUNNING, REPLY, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
+                    && self
+                        .region
+                        .atomic_u32(off + S_HOST_SLEEPS)
+                        .load(Ordering::SeqCst)
+                        != 0
                 {
                     let _ = futex_wake(st, 1);
                 }
@@ -262,9 +283,12 @@ impl Ring {
             while t.elapsed() < SPIN && self.doorbell().load(Ordering::Acquire) == seen {
                 std::thread::yield_now();
             }
-            if self.doorbell().load(Ordering::Acquire) == seen {
+            let sleeps = self.region.atomic_u32(H_MODULE_SLEEPS);
+            sleeps.store(1, Ordering::SeqCst);
+            if self.doorbell().load(Ordering::SeqCst) == seen {
                 let _ = futex_wait(self.doorbell(), seen, Some(Duration::from_secs(1)));
             }
+            sleeps.store(0, Ordering::SeqCst);
         }
     }
 }

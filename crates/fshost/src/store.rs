@@ -24,7 +24,10 @@ const H_HINT: usize = 24;
 pub const LOCK_SLOTS: usize = 1024;
 const PAGE: usize = 4096;
 
-/// Who holds a lock: a request slot (1-based), never 0.
+/// Header offset of the per-owner "locks held" counters (owners are 1..=255).
+const H_HELD: usize = 512;
+
+/// Who holds a lock: a request slot (1-based) or the level-5 caller; never 0, below 256.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Owner(pub u64);
 
@@ -226,17 +229,30 @@ impl Store {
     /// free, not a nested take), `None` if someone else holds it.
     pub fn try_lock(&self, slot: usize, owner: Owner) -> Option<bool> {
         let (o, depth) = self.lock_words(slot);
+        // Count first, take second: whenever the owner dies, the count is never below what it
+        // holds, so release_all's fast path cannot skip a held lock.
+        let held = self.held(owner);
+        held.fetch_add(1, Ordering::AcqRel);
         match o.compare_exchange(0, owner.0, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
                 depth.store(1, Ordering::Release);
                 Some(true)
             }
             Err(cur) if cur == owner.0 => {
+                held.fetch_sub(1, Ordering::AcqRel);
                 depth.fetch_add(1, Ordering::AcqRel);
                 Some(false)
             }
-            Err(_) => None,
+            Err(_) => {
+                held.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
         }
+    }
+
+    fn held(&self, owner: Owner) -> &AtomicU64 {
+        self.region
+            .atomic_u64(H_HELD + (owner.0 % 256) as usize * 8)
     }
 
     /// Drops one level of `owner`'s hold on `slot`; `false` if `owner` does not hold it.
@@ -248,12 +264,19 @@ impl Store {
         if depth.fetch_sub(1, Ordering::AcqRel) <= 1 {
             depth.store(0, Ordering::Release);
             o.store(0, Ordering::Release);
+            let _ = self
+                .held(owner)
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
         }
         true
     }
 
     /// Releases every lock `owner` holds (rollback after a failed request). Returns how many.
     pub fn release_all(&self, owner: Owner) -> usize {
+        // The common case (a request that released what it took) costs one load, not a scan.
+        if self.held(owner).load(Ordering::Acquire) == 0 {
+            return 0;
+        }
         let mut n = 0;
         for s in 0..LOCK_SLOTS {
             let (o, depth) = self.lock_words(s);
@@ -263,6 +286,7 @@ impl Store {
                 n += 1;
             }
         }
+        self.held(owner).store(0, Ordering::Release);
         n
     }
 

@@ -16,6 +16,10 @@ pub struct Args {
     /// Level-4 module crashes (SIGKILL during a write) to time recovery on, human output only.
     #[arg(long, default_value_t = 20)]
     pub crashes: usize,
+    /// Pin the benchmark and the file systems it mounts to this CPU ("none": let the scheduler
+    /// place them; numbers then vary run to run on a 2-vCPU VM).
+    #[arg(long, default_value = "0")]
+    pub cpu: String,
     /// Print the JSON object only.
     #[arg(long)]
     pub json: bool,
@@ -23,7 +27,15 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find the kintsugi binary to mount with")?;
+    let cpu = match a.cpu.as_str() {
+        "none" => None,
+        c => Some(
+            c.parse::<usize>()
+                .context("--cpu takes a CPU number or \"none\"")?,
+        ),
+    };
     let opts = fshost::bench::Opts {
+        cpu,
         copy_reps: a.copy_reps.max(1),
         compile_reps: a.compile_reps.max(1),
         exe,

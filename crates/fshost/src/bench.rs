@@ -39,6 +39,10 @@ pub struct Row {
     pub ratio_to_level5: Option<f64>,
 }
 
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -317,8 +321,8 @@ pub fn run_with_recovery(
                 fs,
                 level,
                 workload,
-                median_us: pct(&s, 0.5),
-                p99_us: pct(&s, 0.99),
+                median_us: round1(pct(&s, 0.5)),
+                p99_us: round1(pct(&s, 0.99)),
                 ratio_to_level5: None,
             });
         }

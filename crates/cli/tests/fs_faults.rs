@@ -76,7 +76,7 @@ fn cell(m: &Mount, fault: &str, phase: &str, acked: &mut Vec<(std::path::PathBuf
 }
 
 fn matrix_for(fault: &str) {
-    let m = Mount::new(4, &["--deadline-ms", "300"]);
+    let m = Mount::new(4, &["--deadline-ms", "1000"]);
     let mut acked = Vec::new();
     for phase in ["write", "rename", "readdir", "idle"] {
         cell(&m, fault, phase, &mut acked);

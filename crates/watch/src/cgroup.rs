@@ -67,7 +67,7 @@ pub fn list(root: &Path, max_depth: usize) -> Vec<PathBuf> {
 }
 
 /// The cgroup path of `pid` in the v1 hierarchy of `controller`, as an absolute directory.
-pub fn of_pid(pid: i32, controller: &str) -> Option<PathBuf> {
+pub fn of_pid(pid: Pid, controller: &str) -> Option<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let rel = text.lines().find_map(|l| {
         let mut f = l.splitn(3, ':');

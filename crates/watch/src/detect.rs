@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sys::Pid;
 use sys::netlink::ProcEvent;
 
 use crate::cgroup::{self, OomControl, PidsWatch};
@@ -94,7 +95,7 @@ impl Latch {
 }
 
 /// The top frames of a task's kernel stack, `a <- b <- c`, or "" when unreadable.
-fn kernel_stack(tgid: i32, tid: i32) -> String {
+fn kernel_stack(tgid: Pid, tid: Pid) -> String {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/stack")) else {
         return String::new();
     };
@@ -106,7 +107,7 @@ fn kernel_stack(tgid: i32, tid: i32) -> String {
         .join(" <- ")
 }
 
-fn comm_of(pid: i32) -> String {
+fn comm_of(pid: Pid) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into())
@@ -121,7 +122,7 @@ fn comm_of(pid: i32) -> String {
 pub struct HungTasks {
     threshold: Duration,
     /// tid → (first seen in D with this pcount, pcount, comm, wchan, reported)
-    tracked: HashMap<i32, (Instant, u64, String, String, bool)>,
+    tracked: HashMap<Pid, (Instant, u64, String, String, bool)>,
     hung_now: usize,
     detect_count: Option<File>,
     last_count: u64,
@@ -267,7 +268,7 @@ impl Detector for HungTasks {
 pub struct BlockedGrowth {
     min_blocked: usize,
     /// tid → pcount at the previous sweep, for tasks in D.
-    prev: HashMap<i32, u64>,
+    prev: HashMap<Pid, u64>,
     /// wchan → count at the previous sweep.
     prev_groups: HashMap<String, usize>,
     active: HashMap<String, usize>,
@@ -301,7 +302,7 @@ impl Detector for BlockedGrowth {
     }
 
     fn on_sweep(&mut self, s: &Sweep, now: Instant, _periodic: bool, out: &mut Out) {
-        let mut groups: HashMap<String, (usize, usize, Vec<i32>)> = HashMap::new();
+        let mut groups: HashMap<String, (usize, usize, Vec<Pid>)> = HashMap::new();
         for t in &s.dstate {
             let g = groups.entry(t.wchan.clone()).or_default();
             g.0 += 1;
@@ -325,11 +326,12 @@ impl Detector for BlockedGrowth {
                     let mut sample = tids.clone();
                     sample.sort_unstable();
                     sample.truncate(8);
+                    let sample: Vec<i32> = sample.iter().map(|p| p.as_raw()).collect();
                     // The kernel stack of one waiter names the driver (slow path, once per
                     // report; needs CAP_SYS_ADMIN, so it may be missing).
                     let stack = sample
                         .first()
-                        .and_then(|tid| s.dstate.iter().find(|t| t.tid == *tid))
+                        .and_then(|tid| s.dstate.iter().find(|t| t.tid.as_raw() == *tid))
                         .map(|t| kernel_stack(t.tgid, t.tid))
                         .unwrap_or_default();
                     out.detections.push(Detection::new(
@@ -387,7 +389,7 @@ pub struct ForkStorm {
     max_parent: u64,
     window_start: Instant,
     total: u64,
-    per_parent: HashMap<i32, u64>,
+    per_parent: HashMap<Pid, u64>,
     last_rate: u64,
     pids_root: Option<PathBuf>,
     pids: HashMap<PathBuf, PidsWatch>,
@@ -484,7 +486,7 @@ impl Detector for ForkStorm {
             self.per_parent.clear();
         }
         self.total += 1;
-        let p = parent_tgid.as_raw();
+        let p = parent_tgid;
         let n = self.per_parent.entry(p).or_default();
         *n += 1;
         if *n == self.max_parent && self.latch.fire(&format!("parent {p}"), now) {
@@ -896,6 +898,7 @@ mod tests {
     use crate::tasks::DTask;
 
     fn dt(tid: i32, wchan: &str, pcount: u64) -> DTask {
+        let tid = Pid::from_raw(tid).unwrap();
         DTask {
             tid,
             tgid: tid,

@@ -69,6 +69,7 @@ pub struct Detection {
     pub subject: String,
     /// Figures behind the decision.
     pub detail: String,
+    /// The raw pid (JSON carries numbers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
     /// Absolute path of the cgroup directory the fault is confined to, when known.
@@ -92,8 +93,8 @@ impl Detection {
             cgroup: None,
         }
     }
-    pub fn with_pid(mut self, pid: i32) -> Detection {
-        self.pid = Some(pid);
+    pub fn with_pid(mut self, pid: sys::Pid) -> Detection {
+        self.pid = Some(pid.as_raw());
         self
     }
     pub fn with_cgroup(mut self, cg: Option<PathBuf>) -> Detection {

@@ -34,7 +34,7 @@ pub fn snapshot(cfg: &Config) -> Vec<Status> {
     let f1 = forks_total();
     let mut rows = Vec::new();
 
-    let before: HashMap<i32, u64> = s0.dstate.iter().map(|t| (t.tid, t.pcount)).collect();
+    let before: HashMap<sys::Pid, u64> = s0.dstate.iter().map(|t| (t.tid, t.pcount)).collect();
     let stuck: Vec<_> = s1
         .dstate
         .iter()

@@ -671,8 +671,8 @@ impl Monitor {
                     child_tid,
                     child_tgid,
                     ..
-                } => self.tasks.on_fork(child_tgid.as_raw(), child_tid.as_raw()),
-                ProcEvent::Exit { tid, .. } => self.tasks.on_exit(tid.as_raw()),
+                } => self.tasks.on_fork(child_tgid, child_tid),
+                ProcEvent::Exit { tid, .. } => self.tasks.on_exit(tid),
                 _ => {}
             }
             if self.cfg.fork.enabled {

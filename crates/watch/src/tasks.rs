@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 
 use rustix::fs::{Mode, OFlags};
+use sys::Pid;
 
 /// The part of `/proc/…/stat` the monitor needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,8 +31,8 @@ pub fn parse_stat(line: &[u8]) -> Option<Stat<'_>> {
 /// A task found in D state by a sweep.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DTask {
-    pub tid: i32,
-    pub tgid: i32,
+    pub tid: Pid,
+    pub tgid: Pid,
     pub comm: String,
     /// Kernel symbol the task sleeps in (`/proc/…/wchan`), e.g. `__folio_lock`.
     pub wchan: String,
@@ -48,17 +49,17 @@ pub struct Sweep {
 
 #[derive(Debug)]
 struct Task {
-    tgid: i32,
+    tgid: Pid,
     fd: OwnedFd,
 }
 
 /// Tasks tracked with kept-open stat fds.
 #[derive(Debug)]
 pub struct TaskTable {
-    tasks: HashMap<i32, Task>,
+    tasks: HashMap<Pid, Task>,
     /// Forked since the last sweep: opened at the next sweep if still alive, so short-lived
     /// tasks of a fork storm cost nothing but the event.
-    pending: HashMap<i32, i32>,
+    pending: HashMap<Pid, Pid>,
     max_tasks: usize,
     /// Set on proc-connector overruns: the next sweep walks /proc again.
     stale: bool,
@@ -99,18 +100,18 @@ impl TaskTable {
         self.stale = true;
     }
 
-    pub fn on_fork(&mut self, tgid: i32, tid: i32) {
+    pub fn on_fork(&mut self, tgid: Pid, tid: Pid) {
         if self.pending.len() < self.max_tasks {
             self.pending.insert(tid, tgid);
         }
     }
 
-    pub fn on_exit(&mut self, tid: i32) {
+    pub fn on_exit(&mut self, tid: Pid) {
         self.pending.remove(&tid);
         self.tasks.remove(&tid);
     }
 
-    fn track(&mut self, tgid: i32, tid: i32) {
+    fn track(&mut self, tgid: Pid, tid: Pid) {
         if self.tasks.len() >= self.max_tasks || self.tasks.contains_key(&tid) {
             return;
         }
@@ -126,14 +127,24 @@ impl TaskTable {
             return;
         };
         for p in procs.flatten() {
-            let Some(tgid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            let Some(tgid) = p
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+                .and_then(Pid::from_raw)
+            else {
                 continue;
             };
             let Ok(threads) = std::fs::read_dir(format!("/proc/{tgid}/task")) else {
                 continue;
             };
             for t in threads.flatten() {
-                if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+                if let Some(tid) = t
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<i32>().ok())
+                    .and_then(Pid::from_raw)
+                {
                     seen.insert(tid);
                     self.track(tgid, tid);
                 }
@@ -219,7 +230,7 @@ mod tests {
         let mut t = TaskTable::new(100_000);
         let s = t.sweep();
         assert!(s.tasks > 1, "only {} tasks", s.tasks);
-        assert!(t.tasks.contains_key(&(std::process::id() as i32)));
+        assert!(t.tasks.contains_key(&Pid::this()));
     }
 
     proptest::proptest! {

@@ -67,6 +67,8 @@ fn clear_errors_for_bad_input() {
         e.contains("does not exist") && e.contains("use 4 or 5"),
         "{e}"
     );
+    let e = stderr_of(&["mount", "--size", "100K", ds]);
+    assert!(e.contains("too small"), "{e}");
     let e = stderr_of(&["mount", "--module", "nosuch", ds]);
     assert!(e.contains("unknown module"), "{e}");
     let e = stderr_of(&["umount", ds]);

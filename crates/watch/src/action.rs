@@ -235,7 +235,7 @@ fn kill_cgroup(cfg: &config::Action, d: &Detection, rec: &mut ActionRecord) {
     match cgroup::kill(&cg, Duration::from_secs(2)) {
         Ok(n) => {
             rec.ok = true;
-            rec.detail = format!("killed {n} processes; the cgroup is empty");
+            rec.detail = format!("{n} SIGKILLs sent; the cgroup is empty");
         }
         Err(e) => rec.detail = e.to_string(),
     }

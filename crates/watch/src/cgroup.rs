@@ -123,7 +123,7 @@ pub enum KillError {
 /// Kills every process in `cg` and waits (bounded) until it is empty. Uses `cgroup.kill` where
 /// the kernel offers it (v2); on v1 it sends SIGKILL to each pid, repeatedly, because a
 /// runaway parent may fork between our read of `cgroup.procs` and its death. Returns the
-/// number of processes signalled.
+/// number of kill signals sent (a pid that survives a round is signalled again).
 pub fn kill(cg: &Path, deadline: Duration) -> Result<usize, KillError> {
     let io = |source| KillError::Io {
         path: cg.to_path_buf(),

@@ -124,6 +124,12 @@ pub enum OpClass {
     Write,
     Rename,
     Readdir,
+    Create,
+    Unlink,
+    Mkdir,
+    Setattr,
+    Read,
+    Lookup,
 }
 
 impl OpClass {
@@ -133,6 +139,12 @@ impl OpClass {
             "write" => OpClass::Write,
             "rename" => OpClass::Rename,
             "readdir" => OpClass::Readdir,
+            "create" => OpClass::Create,
+            "unlink" => OpClass::Unlink,
+            "mkdir" => OpClass::Mkdir,
+            "setattr" => OpClass::Setattr,
+            "read" => OpClass::Read,
+            "lookup" => OpClass::Lookup,
             _ => return None,
         })
     }
@@ -142,6 +154,12 @@ impl OpClass {
             OpClass::Write => matches!(op, Op::Write { .. }),
             OpClass::Rename => matches!(op, Op::Rename { .. }),
             OpClass::Readdir => matches!(op, Op::Readdir { .. }),
+            OpClass::Create => matches!(op, Op::Create { .. } | Op::Mknod { .. }),
+            OpClass::Unlink => matches!(op, Op::Unlink { .. } | Op::Rmdir { .. }),
+            OpClass::Mkdir => matches!(op, Op::Mkdir { .. }),
+            OpClass::Setattr => matches!(op, Op::Setattr { .. }),
+            OpClass::Read => matches!(op, Op::Read { .. }),
+            OpClass::Lookup => matches!(op, Op::Lookup { .. }),
         }
     }
 }

@@ -22,7 +22,9 @@ pub enum Action {
         #[arg(value_parser = ["panic", "segv", "kill", "hang"])]
         fault: String,
         /// Fire during the next such request instead of now.
-        #[arg(long, value_parser = ["write", "rename", "readdir", "any"])]
+        #[arg(long, value_parser = [
+            "write", "rename", "readdir", "create", "unlink", "mkdir", "setattr", "read", "lookup", "any"
+        ])]
         during: Option<String>,
     },
 }

@@ -68,17 +68,22 @@ impl Incarnation {
     pub(crate) fn restored(
         pid: Pid,
         pidfd: PidFd,
-        tracker: WpTracker,
+        tracker: Option<WpTracker>,
         known: Vec<Vma>,
         brk: u64,
     ) -> Result<Incarnation> {
-        let pagemap = PageMap::open(pid)
-            .map_err(|e| Error::sys("opening the restored program's pagemap", e))?;
+        let pagemap = match tracker {
+            Some(_) => Some(
+                PageMap::open(pid)
+                    .map_err(|e| Error::sys("opening the restored program's pagemap", e))?,
+            ),
+            None => None,
+        };
         Ok(Incarnation {
             pid,
             pidfd,
-            tracker: Some(tracker),
-            pagemap: Some(pagemap),
+            tracker,
+            pagemap,
             known,
             insn: None,
             brk,

@@ -360,6 +360,7 @@ impl Guard {
     pub fn run(mut self) -> Result<i32> {
         self.write_status();
         let mut next = Instant::now() + self.opts.epoch;
+        let mut failures = 0u64;
         loop {
             let now = Instant::now();
             let wait = next.saturating_duration_since(now);
@@ -381,7 +382,12 @@ impl Guard {
                 next = Instant::now() + self.opts.epoch;
             }
             match self.epoch() {
-                Ok(_) => {}
+                Ok(_) => {
+                    if failures > 0 {
+                        failures = 0;
+                        self.status.state = "running".into();
+                    }
+                }
                 Err(e) if e.program_gone() => {
                     // It ended while we stopped it: the status went to ptrace's wait, or is
                     // still waiting for us as a zombie.
@@ -397,7 +403,15 @@ impl Guard {
                     }
                     next = Instant::now() + self.opts.epoch;
                 }
-                Err(e) => tracing::warn!(target: "guard", "checkpoint failed: {e}"),
+                Err(e) => {
+                    // Rate-limited: a program can make every epoch fail the same way.
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(100) {
+                        tracing::warn!(target: "guard", "checkpoint failed ({failures} so far): {e}");
+                    }
+                    self.status.state = format!("running; checkpoints failing: {e}");
+                    self.write_status();
+                }
             }
         }
     }

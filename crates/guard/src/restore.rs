@@ -431,16 +431,26 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
     let ours = sys::guard_fd::pidfd_getfd(pidfd.as_fd(), uffd as i32)
         .map_err(|e| Error::sys("pidfd_getfd", e))?;
     d.sys("close", libc::SYS_close, [uffd, 0, 0, 0, 0, 0])?;
-    let tracker = WpTracker::new(ours).map_err(|e| Error::sys("UFFDIO_API", e))?;
+    // Without WP_ASYNC (kernels before 6.7) the program still runs; it is just not
+    // checkpointed further until a kernel that can track it.
+    let tracker = match WpTracker::new(ours) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(target: "guard", "restored, but this kernel cannot track dirty pages (UFFDIO_API WP_ASYNC: {e}); no further checkpoints");
+            None
+        }
+    };
     let mut known = Vec::new();
-    for v in st.vmas.iter().filter(|v| crate::procfs::trackable(v)) {
-        let len = v.end - v.start;
-        if tracker
-            .register(v.start, len)
-            .and_then(|_| tracker.write_protect(v.start, len))
-            .is_ok()
-        {
-            known.push(v.clone());
+    if let Some(tracker) = &tracker {
+        for v in st.vmas.iter().filter(|v| crate::procfs::trackable(v)) {
+            let len = v.end - v.start;
+            if tracker
+                .register(v.start, len)
+                .and_then(|_| tracker.write_protect(v.start, len))
+                .is_ok()
+            {
+                known.push(v.clone());
+            }
         }
     }
     // The other threads, each with its recorded tid (clone3 set_tid), started stopped.

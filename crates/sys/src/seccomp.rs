@@ -59,21 +59,34 @@ impl NotifyFilter {
                 "more than 250 trapped syscalls",
             ));
         }
-        let n = nrs.len();
         let ins = |code, jt, jf, k| BpfInsn { code, jt, jf, k };
-        let mut prog = Vec::with_capacity(n + 7);
-        // Layout: [0] ld arch, [1] jeq x86_64, [2] ld nr, [3] jge x32 bit, [4..4+n] jeq nr_i,
-        // [4+n] ret allow, [5+n] ret notify. Jumps are relative to the next instruction.
-        let notify = 5 + n;
+        // [0] ld arch, [1] not x86_64 → notify, [2] ld nr, [3] x32 bit → notify, then a binary
+        // decision tree over the sorted numbers, so an untrapped call costs ~log2(n)
+        // comparisons, not n. Jumps are relative to the next instruction.
+        let tree = decision_tree(&nrs);
+        let mut prog = Vec::with_capacity(tree.len() + 5);
+        let notify = 4 + tree.len(); // a final `ret notify` after the tree
         prog.push(ins(BPF_LD_W_ABS, 0, 0, 4)); // seccomp_data.arch
-        prog.push(ins(BPF_JEQ_K, 0, (notify - 2) as u8, AUDIT_ARCH_X86_64));
+        prog.push(ins(
+            BPF_JEQ_K,
+            0,
+            (notify - 2).min(255) as u8,
+            AUDIT_ARCH_X86_64,
+        ));
         prog.push(ins(BPF_LD_W_ABS, 0, 0, 0)); // seccomp_data.nr
-        prog.push(ins(BPF_JGE_K, (notify - 4) as u8, 0, X32_SYSCALL_BIT));
-        for (i, nr) in nrs.iter().enumerate() {
-            let at = 4 + i;
-            prog.push(ins(BPF_JEQ_K, (notify - at - 1) as u8, 0, *nr));
+        prog.push(ins(
+            BPF_JGE_K,
+            (notify - 4).min(255) as u8,
+            0,
+            X32_SYSCALL_BIT,
+        ));
+        if notify - 2 > 255 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "filter too long for 8-bit jumps",
+            ));
         }
-        prog.push(ins(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
+        prog.extend(tree);
         prog.push(ins(BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF));
         Ok(NotifyFilter { prog })
     }
@@ -152,6 +165,32 @@ pub fn install_listener_filter(filter: &NotifyFilter) -> io::Result<i32> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// A self-contained block that returns ALLOW or USER_NOTIF for the syscall number in the
+/// accumulator: a balanced tree of `jge` splits with short `jeq` runs at the leaves.
+fn decision_tree(nrs: &[u32]) -> Vec<BpfInsn> {
+    let ins = |code, jt, jf, k| BpfInsn { code, jt, jf, k };
+    if nrs.len() <= 3 {
+        let n = nrs.len();
+        let mut v: Vec<BpfInsn> = nrs
+            .iter()
+            .enumerate()
+            .map(|(i, &nr)| ins(BPF_JEQ_K, (n - i) as u8, 0, nr))
+            .collect();
+        v.push(ins(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
+        v.push(ins(BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF));
+        return v;
+    }
+    let mid = nrs.len() / 2;
+    let left = decision_tree(&nrs[..mid]);
+    let right = decision_tree(&nrs[mid..]);
+    let mut v = Vec::with_capacity(1 + left.len() + right.len());
+    // nr >= pivot: skip the left block.
+    v.push(ins(BPF_JGE_K, left.len() as u8, 0, nrs[mid]));
+    v.extend(left);
+    v.extend(right);
+    v
 }
 
 /// The supervisor's end of a notifying filter.

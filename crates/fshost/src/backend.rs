@@ -434,23 +434,24 @@ fn supervise(
                 match sup.next_event(None) {
                     Ok(Some(ev)) => match ev.kind {
                         rfork::EventKind::Restarted => {
-                            stats.worker_pid.store(ev.pid.as_raw(), Ordering::Release);
+                            // The event names the successor; the one that died is the previous.
+                            let dead = stats.worker_pid.swap(ev.pid.as_raw(), Ordering::AcqRel);
                             stats.restarts.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(reason = %ev.reason, new_pid = ev.pid.as_raw(), "module process restarted");
-                            ring.mark_dead(false);
+                            tracing::warn!(reason = %ev.reason, dead, new_pid = ev.pid.as_raw(), "module process restarted");
+                            ring.mark_dead(u32::try_from(dead).ok(), false);
                         }
                         rfork::EventKind::Started => stats.worker_pid.store(ev.pid.as_raw(), Ordering::Release),
                         rfork::EventKind::GaveUp | rfork::EventKind::Removed => {
                             tracing::error!(reason = %ev.reason, "module supervisor gave up; answering EIO from now on");
                             stats.gave_up.store(true, Ordering::Release);
-                            ring.mark_dead(true);
+                            ring.mark_dead(None, true);
                             break;
                         }
                         rfork::EventKind::StandbyReady => {}
                     },
                     Ok(None) | Err(_) => {
                         stats.gave_up.store(true, Ordering::Release);
-                        ring.mark_dead(true);
+                        ring.mark_dead(None, true);
                         break;
                     }
                 }

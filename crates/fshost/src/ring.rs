@@ -46,6 +46,8 @@ pub const DEAD: u32 = 4;
 const S_STATE: usize = 0;
 const S_FAULT: usize = 4;
 const S_LEN: usize = 8;
+/// Pid of the module process that claimed the slot (written before the claim).
+const S_PID: usize = 12;
 /// 1 while the host sleeps on the slot's state word.
 const S_HOST_SLEEPS: usize = 16;
 
@@ -199,14 +201,21 @@ impl Ring {
         }
     }
 
-    /// Supervisor side: the module process died. RUNNING slots become DEAD (and their waiter
-    /// wakes); with `all`, unclaimed REQUESTs too (nobody will ever serve them).
-    pub fn mark_dead(&self, all: bool) {
+    /// Supervisor side: module process `dead` died. The slots it was running become DEAD (and
+    /// their waiter wakes); slots a newer generation already runs are left alone. With `all`
+    /// (no module will ever come back), every RUNNING slot and unclaimed REQUEST too.
+    pub fn mark_dead(&self, dead: Option<u32>, all: bool) {
         for i in 0..SLOTS {
             let st = self.state(i);
-            let mut hit = st
-                .compare_exchange(RUNNING, DEAD, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok();
+            let claimer = self
+                .region
+                .atomic_u32(Self::slot_off(i) + S_PID)
+                .load(Ordering::SeqCst);
+            let mine = all || dead.is_none_or(|d| d == claimer);
+            let mut hit = mine
+                && st
+                    .compare_exchange(RUNNING, DEAD, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
             if all && !hit {
                 hit = st
                     .compare_exchange(REQUEST, DEAD, Ordering::AcqRel, Ordering::Acquire)
@@ -238,17 +247,23 @@ impl Ring {
             let mut did = false;
             for i in 0..SLOTS {
                 let st = self.state(i);
+                let off = Self::slot_off(i);
+                if st.load(Ordering::Acquire) != REQUEST {
+                    continue;
+                }
+                // Name the claimer before claiming: a RUNNING slot always carries the pid of
+                // the process running it, so a late death report for an older generation can
+                // never be pinned on a request the new generation is serving.
+                self.region
+                    .atomic_u32(off + S_PID)
+                    .store(me, Ordering::SeqCst);
                 if st
-                    .compare_exchange(REQUEST, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+                    .compare_exchange(REQUEST, RUNNING, Ordering::SeqCst, Ordering::Acquire)
                     .is_err()
                 {
                     continue;
                 }
                 did = true;
-                let off = Self::slot_off(i);
-                self.region
-                    .atomic_u32(off + 12)
-                    .store(me, Ordering::Relaxed);
                 let n = (self.region.atomic_u32(off + S_LEN).load(Ordering::Acquire) as usize)
                     .min(SLOT_BUF);
                 buf.resize(n, 0);

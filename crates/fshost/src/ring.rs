@@ -307,3 +307,70 @@ impl Ring {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_death_report_fails_only_the_dead_processs_slots() {
+        let r = Ring::create().unwrap();
+        r.region
+            .atomic_u32(Ring::slot_off(0) + S_PID)
+            .store(100, Ordering::SeqCst);
+        r.state(0).store(RUNNING, Ordering::SeqCst);
+        r.region
+            .atomic_u32(Ring::slot_off(1) + S_PID)
+            .store(200, Ordering::SeqCst);
+        r.state(1).store(REQUEST, Ordering::SeqCst);
+        // A late report about an older generation (pid 50) touches nothing.
+        r.mark_dead(Some(50), false);
+        assert_eq!(r.state(0).load(Ordering::SeqCst), RUNNING);
+        r.mark_dead(Some(100), false);
+        assert_eq!(r.state(0).load(Ordering::SeqCst), DEAD);
+        // An unclaimed request waits for the next generation…
+        assert_eq!(r.state(1).load(Ordering::SeqCst), REQUEST);
+        // …unless no generation will ever come.
+        r.mark_dead(None, true);
+        assert_eq!(r.state(1).load(Ordering::SeqCst), DEAD);
+    }
+
+    #[test]
+    fn roundtrip_through_a_serving_thread_and_a_deadline() {
+        let r = std::sync::Arc::new(Ring::create().unwrap());
+        let s = r.clone();
+        std::thread::spawn(move || {
+            s.serve(
+                |_, fault, req| {
+                    if fault == 9 {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                    req.iter().rev().copied().collect()
+                },
+                |_| {},
+            )
+        });
+        let out = r.roundtrip(
+            0,
+            b"abc",
+            0,
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            || {},
+        );
+        assert_eq!(out.unwrap(), b"cba");
+        // A request over its deadline: the kill callback runs, and with no supervisor to confirm
+        // a death the host takes the slot back after the grace period and reports a hang.
+        let mut killed = false;
+        let out = r.roundtrip(
+            0,
+            b"x",
+            9,
+            Duration::from_millis(50),
+            Duration::from_millis(50),
+            || killed = true,
+        );
+        assert!(killed);
+        assert_eq!(out, Err(Failure::Hung));
+    }
+}

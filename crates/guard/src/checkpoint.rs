@@ -245,10 +245,8 @@ impl Incarnation {
         let mut lap: Vec<(&str, Duration)> = Vec::new();
         let mut lg = log.lock().unwrap_or_else(|p| p.into_inner());
         let sys_err = |what: &'static str| move |e: std::io::Error| Error::sys(what, e);
-        lap.push(("status", lt.elapsed()));
-        let (caught, ignored, umask, threads_n) =
+        let (caught, ignored, umask, _threads) =
             procfs::status(pid).map_err(sys_err("reading /proc/PID/status"))?;
-        let _ = threads_n;
         let mut refusals = lg.refusals.clone();
         let children =
             std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
@@ -258,7 +256,6 @@ impl Incarnation {
                 children.trim()
             ));
         }
-        lap.push(("status+children", lt.elapsed()));
         let (leader, others) = threads.split_first_mut().expect("the leader is stopped");
         let t = leader;
         let regs = t.regs().map_err(sys_err("reading registers"))?;
@@ -276,10 +273,17 @@ impl Incarnation {
                 .map_err(sys_err("restoring registers after injection"))?;
         }
         let mut thread_states = Vec::with_capacity(1 + others.len());
+        let leader_regs = regs;
         for t in std::iter::once(t).chain(others.iter_mut()) {
-            let clear_tid = self.clear_tid(t)?;
-            let regs = t.regs().map_err(sys_err("reading registers"))?;
             let tid = t.pid();
+            // Registers as they were before any injection (an injection consumes the
+            // kernel's own restart of an interrupted call).
+            let regs = if tid == pid {
+                leader_regs
+            } else {
+                t.regs().map_err(sys_err("reading registers"))?
+            };
+            let clear_tid = self.clear_tid(t)?;
             thread_states.push(ThreadState {
                 tid: procfs::ns_tid(pid, tid).unwrap_or(1),
                 regs: regs_to_words(&ptrace::restart_fixup(&regs, true)),
@@ -291,7 +295,7 @@ impl Incarnation {
                 clear_tid,
             });
         }
-        lap.push(("regs+inject", lt.elapsed()));
+        lap.push(("registers", lt.elapsed()));
         let tracker = self.tracker.as_ref().expect("armed above");
         let pagemap = self.pagemap.as_ref().expect("armed with the tracker");
         let mut vmas = procfs::maps(pid).map_err(sys_err("reading /proc/PID/maps"))?;
@@ -339,25 +343,23 @@ impl Incarnation {
             }
             ranges.extend(runs.iter().map(|&(a, b)| (a, (b - a) as usize)));
         }
-        lap.push(("maps+scan", lt.elapsed()));
+        lap.push(("dirty scan", lt.elapsed()));
         let bufs = sys::remote_mem::read_runs(pid, &ranges)
             .map_err(sys_err("reading the program's memory"))?;
         let pages: Vec<(u64, Vec<u8>)> = ranges.iter().map(|r| r.0).zip(bufs).collect();
-        lap.push(("readmem", lt.elapsed()));
+        lap.push(("page copy", lt.elapsed()));
         let (fds, fd_refusals) = procfs::fds(pid, self.pidfd.as_fd(), &prog.inherited, &lg.sockets)
             .map_err(sys_err("reading the fd table"))?;
         refusals.extend(fd_refusals);
-        lap.push(("fds", lt.elapsed()));
+        lap.push(("fd table", lt.elapsed()));
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "/".into());
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
-        lap.push(("cwd", lt.elapsed()));
         let mut mm = procfs::mm_layout(pid).map_err(sys_err("reading /proc/PID/stat"))?;
         mm.brk = self.brk;
-        lap.push(("mm", lt.elapsed()));
         let sigactions = lg.commit_sigactions(caught, ignored);
         let state = ProcState {
             argv: prog.argv.clone(),
@@ -382,8 +384,7 @@ impl Incarnation {
             .into_iter()
             .filter(|v| !untracked.contains(&v.start))
             .collect();
-        lap.push(("rest", lt.elapsed()));
-        tracing::debug!(target: "guard", "laps {lap:?}");
+        tracing::trace!(target: "guard", "epoch {seq} phases (cumulative) {lap:?}");
         Ok(Layer {
             seq,
             full: false,

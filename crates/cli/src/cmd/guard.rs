@@ -81,7 +81,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn print_status(s: &guard::guard::Status) {
-    println!("guard pid      {}", s.guard_pid);
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let g = if alive(s.guard_pid) {
+        "running"
+    } else {
+        "gone (restore with `kintsugi restore DIR`)"
+    };
+    println!("guard pid      {} ({g})", s.guard_pid);
     println!(
         "program        {:?} (pid {} on the host, 1 in its namespace)",
         s.argv, s.app_pid

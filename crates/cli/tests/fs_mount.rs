@@ -149,3 +149,25 @@ fn kill_cmd(pid: i32, sig: &str) -> i32 {
         .status()
         .map_or(-1, |s| s.code().unwrap_or(-1))
 }
+
+/// No /dev/fuse (a private mount namespace with an empty /dev): a clear error naming the fix.
+#[test]
+fn missing_dev_fuse_is_a_clear_error() {
+    let d = fresh_dir("nofuse");
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} mount --level 4 {}",
+        env!("CARGO_BIN_EXE_kintsugi"),
+        d.display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run unshare (util-linux)");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mount without /dev/fuse succeeded");
+    assert!(
+        e.contains("/dev/fuse is missing") && e.contains("modprobe fuse"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir(&d);
+}

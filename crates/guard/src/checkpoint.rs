@@ -106,6 +106,11 @@ impl Incarnation {
                 i
             }
         };
+        // While registers are borrowed, a guard that dies must take the program with it
+        // (a new guard restores it from disk) rather than let it run on foreign registers.
+        // Detaching clears the option again.
+        t.set_options(ptrace::O_TRACESYSGOOD | ptrace::O_SUSPEND_SECCOMP | ptrace::O_EXITKILL)
+            .map_err(|e| Error::sys("setting ptrace options", e))?;
         t.inject_syscall(insn, nr, args)
             .map_err(|e| Error::sys("injecting a syscall", e))
     }

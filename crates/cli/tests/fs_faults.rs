@@ -167,3 +167,25 @@ fn level5_contains_panics_and_refuses_process_killers() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A module that crashes faster than the restart intensity allows (200 in 10 s): the
+/// supervisor gives up, requests get EIO, but the mount stays (never ENOTCONN), the status file
+/// still answers, and umount works.
+#[test]
+fn supervisor_gives_up_but_the_mount_stays() {
+    let m = Mount::new(4, &[]);
+    write_acked(&m.path("f"), b"x");
+    let mut gave_up = false;
+    for _ in 0..2000 {
+        // Injected straight through the library (one setxattr), so crashes outpace the limit.
+        let _ = fshost::mount::inject(&m.dir, fshost::pm::Fault::Kill, None);
+        if m.status()["gave_up"].as_bool() == Some(true) {
+            gave_up = true;
+            break;
+        }
+    }
+    assert!(gave_up, "the supervisor never gave up: {}", m.status());
+    let e = std::fs::read(m.path("f")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(m.status()["restarts"].as_u64().unwrap() >= 200);
+}

@@ -61,6 +61,9 @@ pub struct HostFs {
     /// Open-file table: host handle → module handle.
     files: Mutex<HashMap<u64, OpenFile>>,
     next_fh: AtomicU64,
+    /// The root's last attributes: served from here once the module supervisor has given up,
+    /// so the status file (which the kernel reaches through the root) still answers.
+    root_attr: Mutex<Option<Attr>>,
 }
 
 fn ts_to_system(t: Timespec) -> SystemTime {
@@ -151,6 +154,7 @@ impl HostFs {
             lookups: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            root_attr: Mutex::new(None),
         }
     }
 
@@ -322,9 +326,23 @@ impl Filesystem for HostFs {
         if ino.0 == STATUS_INO {
             return reply.attr(&Duration::ZERO, &self.status_attr());
         }
+        let root = ino.0 == Ino::ROOT.0;
         match self.call(ctx(req), Op::Getattr { ino: Ino(ino.0) }) {
-            Reply::Attr(a) => reply.attr(&TTL, &fuse_attr(&a)),
-            Reply::Err(e) => reply.error(err(e)),
+            Reply::Attr(a) => {
+                if root {
+                    *self.root_attr.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+                }
+                reply.attr(&TTL, &fuse_attr(&a))
+            }
+            Reply::Err(e) => {
+                let cached = *self.root_attr.lock().unwrap_or_else(|p| p.into_inner());
+                match cached {
+                    Some(a) if root && self.stats.gave_up.load(Ordering::Acquire) => {
+                        reply.attr(&Duration::ZERO, &fuse_attr(&a))
+                    }
+                    _ => reply.error(err(e)),
+                }
+            }
             _ => reply.error(fuser::Errno::EIO),
         }
     }

@@ -87,15 +87,25 @@ fn read_all(child: &mut Child) -> String {
 /// Runs one case; `during` runs while the program is guarded (e.g. a TCP client) and again
 /// after the restore.
 fn case(name: &str, args: &[&str], crash: Crash, during: Option<&(dyn Fn() -> bool + Sync)>) {
-    let bin = prog(name);
+    let mut argv = vec![prog(name).to_string_lossy().into_owned()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    case_argv(name, &argv, crash, during);
+}
+
+/// Like [`case`] with a full command line.
+fn case_argv(
+    name: &str,
+    argv: &[String],
+    crash: Crash,
+    during: Option<&(dyn Fn() -> bool + Sync)>,
+) {
     let dir = work_dir().join(format!("img-{name}-{crash:?}"));
     let _ = std::fs::remove_dir_all(&dir);
     let mut guard = Command::new(KINTSUGI)
         .args(["guard", "--epoch", "20ms", "--images"])
         .arg(&dir)
         .arg("--")
-        .arg(&bin)
-        .args(args)
+        .args(argv)
         .current_dir(work_dir())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -258,6 +268,16 @@ fn one_guard_per_image_directory() {
 fn four_threads_each_with_own_state() {
     case("threads", &[N], Crash::App, None);
     case("threads", &[N], Crash::Both, None);
+}
+
+#[test]
+fn program_that_execs_another() {
+    // The guarded command is a shell that execs the counter: the guard re-arms its tracker on
+    // the new address space.
+    let cmd = format!("exec {} {N}", prog("counter").display());
+    let argv = ["/bin/sh".to_string(), "-c".to_string(), cmd];
+    case_argv("exec", &argv, Crash::App, None);
+    case_argv("exec", &argv, Crash::Both, None);
 }
 
 #[test]

@@ -374,6 +374,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn restart_fixup_re_executes_interrupted_calls() {
+        // SAFETY: user_regs_struct is plain old data; zeroed is valid.
+        let mut r: Regs = unsafe { std::mem::zeroed() };
+        r.orig_rax = libc::SYS_read as u64;
+        r.rip = 0x1002;
+        r.rax = (-ERESTARTSYS) as u64;
+        let f = restart_fixup(&r, false);
+        assert_eq!(
+            (f.rax, f.rip, f.orig_rax),
+            (libc::SYS_read as u64, 0x1000, u64::MAX)
+        );
+        r.orig_rax = libc::SYS_nanosleep as u64;
+        r.rax = (-ERESTART_RESTARTBLOCK) as u64;
+        assert_eq!(
+            restart_fixup(&r, false).rax,
+            libc::SYS_restart_syscall as u64
+        );
+        assert_eq!(
+            restart_fixup(&r, true).rax,
+            libc::SYS_nanosleep as u64,
+            "a new process re-issues the call"
+        );
+        r.rax = 5; // completed call: untouched
+        assert_eq!(restart_fixup(&r, true).rip, 0x1002);
+    }
+
+    #[test]
     fn seize_interrupt_inject_detach() {
         let mut fds = [0i32; 2];
         // SAFETY: fds is a writable [i32; 2].

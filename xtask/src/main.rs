@@ -38,6 +38,7 @@ fn test(filters: &[String]) -> Result<()> {
     let t0 = Instant::now();
     install_packages(&root)?;
     ensure_nextest()?;
+    ensure_pjdfstest()?;
     step(
         "fmt",
         Command::new("cargo").args(["fmt", "--all", "--", "--check"]),
@@ -56,6 +57,8 @@ fn test(filters: &[String]) -> Result<()> {
     // Tests run in release-ish speed? No: debug keeps compile time low on two cores; benches
     // (not tests) measure speed.
     let mut nextest = Command::new("cargo");
+    // The POSIX conformance tests must run here, not skip: xtask installed the suite above.
+    nextest.env("KINTSUGI_REQUIRE_PJDFSTEST", "1");
     nextest.args(["nextest", "run", "--workspace", "--profile", "ci"]);
     let filters: Vec<&String> = filters.iter().filter(|f| f.as_str() != "--").collect();
     nextest.args(filters);
@@ -157,5 +160,17 @@ fn ensure_nextest() -> Result<()> {
     step(
         "install cargo-nextest",
         Command::new("cargo").args(["install", "--locked", "cargo-nextest"]),
+    )
+}
+
+/// pjdfstest (the Rust rewrite, pinned) for the FUSE host's POSIX conformance tests.
+fn ensure_pjdfstest() -> Result<()> {
+    let home_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/pjdfstest"));
+    if have("pjdfstest") || home_bin.is_some_and(|p| p.is_file()) {
+        return Ok(());
+    }
+    step(
+        "install pjdfstest",
+        Command::new("cargo").args(["install", "--locked", "pjdfstest", "--version", "0.2.2"]),
     )
 }

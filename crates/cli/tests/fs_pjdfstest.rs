@@ -66,6 +66,12 @@ fn failures(level: u8) -> Vec<String> {
 
 fn check(level: u8) {
     if suite().is_none() {
+        // `cargo xtask test` (and so CI) installs the suite and sets this: there, a missing
+        // suite is a failure, never a silent pass.
+        assert!(
+            std::env::var_os("KINTSUGI_REQUIRE_PJDFSTEST").is_none(),
+            "pjdfstest is required here but not installed: cargo install pjdfstest --version 0.2.2 --locked"
+        );
         eprintln!(
             "SKIPPED: pjdfstest not installed (cargo install pjdfstest --locked); see docs/fs.md for the last run"
         );

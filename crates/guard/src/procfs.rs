@@ -339,9 +339,14 @@ pub fn fds(
                     size: m.len(),
                     writable,
                 }
-            } else if (ft.is_char_device()
-                && (RESTORABLE_DEVICES.contains(&link.as_str()) || link.starts_with("/dev/pts/")))
-                || ft.is_fifo()
+            } else if ft.is_fifo() {
+                // Reopening a FIFO blocks until its peer opens it: the restorer would hang.
+                refusals.push(format!(
+                    "fd {n}: FIFO {link} (named pipes are not restorable yet)"
+                ));
+                continue;
+            } else if ft.is_char_device()
+                && (RESTORABLE_DEVICES.contains(&link.as_str()) || link.starts_with("/dev/pts/"))
             {
                 FdKind::File {
                     path: link,
@@ -358,6 +363,8 @@ pub fn fds(
                 "io_uring instance"
             } else if link.contains("userfaultfd") {
                 "userfaultfd of the program's own"
+            } else if link.ends_with(" (deleted)") {
+                "file deleted while open (its contents are not in the image)"
             } else {
                 "kernel object of a kind the guard cannot rebuild"
             };

@@ -27,7 +27,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::event::{PollFd, PollFlags, poll};
 use sys::Pid;
 use sys::clock::monotonic_ns;
 use sys::pidfd::PidFd;
@@ -329,13 +329,7 @@ pub fn supervise(
             wake_at = wake_at.min(at);
         }
 
-        let timeout = (wake_at != u64::MAX).then(|| {
-            let ns = wake_at.saturating_sub(now);
-            Timespec {
-                tv_sec: (ns / 1_000_000_000) as i64,
-                tv_nsec: (ns % 1_000_000_000) as i64,
-            }
-        });
+        let timeout = sys::clock::timeout_until(wake_at, now);
         let ready = {
             let notify_fd = notify.sock.as_fd();
             let mut fds = vec![

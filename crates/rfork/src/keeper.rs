@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::event::{PollFd, PollFlags, poll};
 use sys::Pid;
 use sys::clock::monotonic_ns;
 use sys::pidfd::PidFd;
@@ -378,13 +378,7 @@ impl Keeper {
             wake_at = wake_at.min(at);
         }
 
-        let timeout = (wake_at != u64::MAX).then(|| {
-            let ns = wake_at.saturating_sub(now);
-            Timespec {
-                tv_sec: (ns / 1_000_000_000) as i64,
-                tv_nsec: (ns % 1_000_000_000) as i64,
-            }
-        });
+        let timeout = sys::clock::timeout_until(wake_at, now);
         let (worker_ready, control_ready, parent_gone, anchors_done) = {
             let mut fds = Vec::with_capacity(3);
             let wi = self.worker.as_ref().map(|w| {

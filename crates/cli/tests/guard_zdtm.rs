@@ -280,6 +280,70 @@ fn program_that_execs_another() {
     case_argv("exec", &argv, Crash::Both, None);
 }
 
+/// `--net`: the program gets its own network namespace with loopback up, before and after a
+/// restore.
+#[test]
+fn own_network_namespace_survives_restore() {
+    let bin = prog("counter");
+    let dir = work_dir().join("img-net");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut g = Command::new(KINTSUGI)
+        .args(["guard", "--net", "--epoch", "20ms", "--images"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&bin)
+        .arg(N)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let own_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let check = |pid: i64| {
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+            own_ns,
+            "a network namespace of its own"
+        );
+        let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+        let ifs: Vec<&str> = dev
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(str::trim)
+            .collect();
+        assert_eq!(ifs, vec!["lo"], "{dev}");
+        let fib = std::fs::read_to_string(format!("/proc/{pid}/net/fib_trie")).unwrap();
+        assert!(fib.contains("127.0.0.1"), "loopback is up: {fib}");
+    };
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(s) = status(&dir)
+            && s["layers_written"].as_u64().unwrap_or(0) >= 4
+        {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let app = st["app_pid"].as_i64().unwrap();
+    check(app);
+    kill(app);
+    let t1 = Instant::now();
+    let new = loop {
+        if let Some(s) = status(&dir)
+            && s["restores"].as_u64() == Some(1)
+            && s["app_pid"].as_i64() != Some(app)
+        {
+            break s["app_pid"].as_i64().unwrap();
+        }
+        assert!(t1.elapsed() < Duration::from_secs(10), "no restore");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    check(new);
+    assert_eq!(wait_deadline(&mut g, 60), 0);
+    assert!(read_all(&mut g).contains("PASS"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn timers_and_signal_handler() {
     case("timer", &[N], Crash::App, None);

@@ -24,6 +24,8 @@ pub struct Program {
     pub argv: Vec<String>,
     /// The guard's stdio at launch `(fd, dev, ino)`: passed through on restore.
     pub inherited: Vec<(i32, u64, u64)>,
+    /// Runs in its own network namespace.
+    pub net: bool,
 }
 
 /// The guard's handle on one incarnation of the program (launched or restored).
@@ -379,6 +381,7 @@ impl Incarnation {
             mm,
             threads: thread_states,
             refusals,
+            net: prog.net,
         };
         lg.rebaseline.clear();
         lg.brk_changed = false;

@@ -29,6 +29,8 @@ pub struct Options {
     pub merge_every: u64,
     /// Give up restoring after this many restores (a program that keeps dying is not helped).
     pub max_restores: u32,
+    /// Run the program in its own network namespace (loopback only).
+    pub net: bool,
 }
 
 /// What `kintsugi guard --status` shows; written to `DIR/status.json` at every epoch.
@@ -217,13 +219,23 @@ impl Guard {
         let (r2, w2) = sys::ns::pipe_cloexec().map_err(|e| Error::sys("pipe", e))?;
         use std::os::fd::AsRawFd;
         let (w1r, r2r) = (w1.as_raw_fd(), r2.as_raw_fd());
-        let flags = sys::ns::NEWPID | sys::ns::NEWNS;
+        let net = opts.net;
+        let flags = sys::ns::NEWPID | sys::ns::NEWNS | if net { sys::ns::NEWNET } else { 0 };
         let pid = match sys::ns::clone3_fork(flags, &[])
             .map_err(|e| Error::sys("clone3 into a new pid namespace", e))?
         {
             sys::process::Fork::Child => {
                 let _ = sys::ns::make_mounts_private();
-                let l = sys::seccomp::install_listener_filter(&filter).unwrap_or(-1);
+                let lo = if net {
+                    sys::ns::loopback_up().is_ok()
+                } else {
+                    true
+                };
+                let l = if lo {
+                    sys::seccomp::install_listener_filter(&filter).unwrap_or(-1)
+                } else {
+                    -1
+                };
                 sys::ns::raw_write(w1r, &l.to_ne_bytes());
                 let mut b = [0u8; 1];
                 if l < 0 || sys::ns::raw_read(r2r, &mut b) != 1 {
@@ -280,6 +292,7 @@ impl Guard {
             prog: Program {
                 argv,
                 inherited: own_inherited(),
+                net,
             },
             filter,
             log,
@@ -317,6 +330,7 @@ impl Guard {
             prog: Program {
                 argv: r.state.argv.clone(),
                 inherited: own_inherited(),
+                net: r.state.net,
             },
             filter,
             log,

@@ -185,6 +185,9 @@ pub struct ProcState {
     pub threads: Vec<ThreadState>,
     /// Why this state cannot be restored faithfully (empty = restorable).
     pub refusals: Vec<String>,
+    /// The program had its own network namespace (loopback only): restore makes a new one.
+    #[serde(default)]
+    pub net: bool,
 }
 
 /// The paper's syscall classes (ShadowBuddy §3).

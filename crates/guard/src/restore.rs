@@ -134,7 +134,7 @@ pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
                 .map_err(|e| Error::sys("cutting a file back to its checkpointed size", e))?;
         }
     }
-    let (stub, listener) = spawn_stub(filter)?;
+    let (stub, listener) = spawn_stub(filter, chain.state.net)?;
     tracing::debug!(target: "guard", "restore: new process at {:?}", t0.elapsed());
     match drive(stub, &chain) {
         Ok((inc, sockets, altstacks)) => Ok(Restored {
@@ -156,17 +156,26 @@ pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
 
 /// Starts the process to be rebuilt: pid 1 of a new pid + mount namespace, with the guard's
 /// filter installed, parked in a read() until the guard seizes it.
-fn spawn_stub(filter: &NotifyFilter) -> Result<(Pid, Listener)> {
+fn spawn_stub(filter: &NotifyFilter, net: bool) -> Result<(Pid, Listener)> {
     let (r1, w1) = sys::ns::pipe_cloexec().map_err(|e| Error::sys("pipe", e))?;
     let (r2, w2) = sys::ns::pipe_cloexec().map_err(|e| Error::sys("pipe", e))?;
     use std::os::fd::AsRawFd;
     let (w1r, r2r) = (w1.as_raw_fd(), r2.as_raw_fd());
-    let flags = sys::ns::NEWPID | sys::ns::NEWNS;
+    let flags = sys::ns::NEWPID | sys::ns::NEWNS | if net { sys::ns::NEWNET } else { 0 };
     let forked = sys::ns::clone3_fork(flags, &[1]).or_else(|_| sys::ns::clone3_fork(flags, &[]));
     match forked.map_err(|e| Error::sys("clone3 into a new pid namespace", e))? {
         sys::process::Fork::Child => {
             let _ = sys::ns::make_mounts_private();
-            let l = sys::seccomp::install_listener_filter(filter).unwrap_or(-1);
+            let lo = if net {
+                sys::ns::loopback_up().is_ok()
+            } else {
+                true
+            };
+            let l = if lo {
+                sys::seccomp::install_listener_filter(filter).unwrap_or(-1)
+            } else {
+                -1
+            };
             sys::ns::raw_write(w1r, &l.to_ne_bytes());
             let mut b = [0u8; 1];
             loop {

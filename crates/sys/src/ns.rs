@@ -158,3 +158,41 @@ pub fn pipe_cloexec() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)
         )
     })
 }
+
+/// Brings up `lo` in the caller's (new) network namespace, where it starts down.
+/// Allocation-free, for a forked child before exec.
+pub fn loopback_up() -> io::Result<()> {
+    #[repr(C)]
+    struct IfReqFlags {
+        name: [u8; 16],
+        flags: i16,
+        _pad: [u8; 22],
+    }
+    const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+    const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
+    // SAFETY: socket takes integers only.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut ifr = IfReqFlags {
+        name: [0; 16],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    ifr.name[..2].copy_from_slice(b"lo");
+    // SAFETY: ifr is a live 40-byte struct laid out like `struct ifreq` with ifr_flags; both
+    // ioctls read/write only that.
+    let r = unsafe {
+        if libc::ioctl(s, SIOCGIFFLAGS, &mut ifr as *mut IfReqFlags) != 0 {
+            -1
+        } else {
+            ifr.flags |= libc::IFF_UP as i16;
+            libc::ioctl(s, SIOCSIFFLAGS, &ifr as *const IfReqFlags)
+        }
+    };
+    let e = io::Error::last_os_error();
+    // SAFETY: s is our socket; closed once.
+    unsafe { libc::close(s) };
+    if r == 0 { Ok(()) } else { Err(e) }
+}

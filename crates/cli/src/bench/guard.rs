@@ -265,6 +265,7 @@ fn measure(a: &Args, exe: &Path, base: &Path) -> anyhow::Result<Report> {
                 images: dir.clone(),
                 merge_every: u64::MAX,
                 max_restores: 0,
+                net: false,
             };
             let argv = vec![
                 exe.to_string_lossy().into_owned(),

@@ -20,6 +20,10 @@ pub struct Args {
     /// Stop restoring after this many automatic restores.
     #[arg(long, default_value_t = 20)]
     pub max_restores: u32,
+    /// Give the program its own network namespace with only loopback (its ports are then not
+    /// reachable from the host).
+    #[arg(long)]
+    pub net: bool,
     /// Print the status of the guard writing --images and exit.
     #[arg(long)]
     pub status: bool,
@@ -56,6 +60,7 @@ pub fn options(a: &Args) -> guard::guard::Options {
         images: a.images.clone(),
         merge_every: a.merge_every.max(1),
         max_restores: a.max_restores,
+        net: a.net,
     }
 }
 

@@ -20,6 +20,7 @@ pub fn run(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
         images: images.clone(),
         merge_every: 16,
         max_restores: 3,
+        net: false,
     };
     let argv = vec![
         exe.to_string_lossy().into_owned(),

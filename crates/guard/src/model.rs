@@ -64,7 +64,16 @@ pub enum FdKind {
     /// `openat(path, O_DIRECTORY)`.
     Dir { path: String },
     /// One end of a pipe; both ends must be in the process (recreated with `pipe2`).
-    Pipe { inode: u64, write_end: bool },
+    Pipe {
+        inode: u64,
+        write_end: bool,
+        /// Bytes buffered in the pipe (read with `tee`, not consumed), on its first read end.
+        #[serde(default)]
+        data: Vec<u8>,
+        /// The pipe's capacity (F_GETPIPE_SZ), with `data`.
+        #[serde(default)]
+        capacity: u64,
+    },
     /// A listening TCP socket: `socket`, `setsockopt`s, `bind`, `listen`.
     TcpListen {
         v6: bool,

@@ -192,6 +192,7 @@ pub fn fds(
     let mut out = Vec::new();
     let mut refusals = Vec::new();
     let dir = format!("/proc/{pid}/fd");
+    let mut peeked: Vec<u64> = Vec::new();
     let mut nums: Vec<i32> = fs::read_dir(&dir)?
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
@@ -226,9 +227,28 @@ pub fn fds(
         }
         let kind = if let Some(rest) = link.strip_prefix("pipe:[") {
             let inode = rest.trim_end_matches(']').parse().unwrap_or(0);
+            let write_end = flags & libc::O_ACCMODE == libc::O_WRONLY;
+            let (mut data, mut capacity) = (Vec::new(), 0);
+            if !write_end && !peeked.contains(&inode) {
+                peeked.push(inode);
+                use std::os::fd::AsFd;
+                let got = sys::guard_fd::pidfd_getfd(pidfd, n)
+                    .and_then(|c| sys::guard_fd::pipe_peek(c.as_fd()));
+                match got {
+                    Ok((d, c)) => (data, capacity) = (d, c as u64),
+                    Err(e) => {
+                        refusals.push(format!(
+                            "fd {n}: {link}: cannot read its buffered bytes: {e}"
+                        ));
+                        continue;
+                    }
+                }
+            }
             FdKind::Pipe {
                 inode,
-                write_end: flags & libc::O_ACCMODE == libc::O_WRONLY,
+                write_end,
+                data,
+                capacity,
             }
         } else if let Some(rest) = link.strip_prefix("socket:[") {
             let inode: u64 = rest.trim_end_matches(']').parse().unwrap_or(0);
@@ -377,7 +397,9 @@ pub fn fds(
     let pipes: Vec<(u64, bool)> = out
         .iter()
         .filter_map(|f| match f.kind {
-            FdKind::Pipe { inode, write_end } => Some((inode, write_end)),
+            FdKind::Pipe {
+                inode, write_end, ..
+            } => Some((inode, write_end)),
             _ => None,
         })
         .collect();

@@ -247,6 +247,7 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
     let stub_maps =
         crate::procfs::maps(pid).map_err(|e| Error::sys("reading the new process's maps", e))?;
     let scratch = free_gap(chain, &stub_maps);
+    let pidfd = PidFd::open(pid).map_err(|e| Error::sys("pidfd_open", e))?;
     let mut d = Driver {
         t,
         pid,
@@ -413,7 +414,7 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
     }
     tracing::debug!(target: "guard", "restore: memory filled in {:?}", tf.elapsed());
     set_mm(&mut d, st)?;
-    let sockets = restore_fds(&mut d, &st.fds, &stub_fds)?;
+    let sockets = restore_fds(&mut d, &st.fds, &stub_fds, pidfd.as_fd())?;
     let pa = d.path(&st.cwd)?;
     d.sys(
         &format!("chdir {}", st.cwd),
@@ -436,7 +437,6 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
         libc::SYS_userfaultfd,
         [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
     )?;
-    let pidfd = PidFd::open(pid).map_err(|e| Error::sys("pidfd_open", e))?;
     let ours = sys::guard_fd::pidfd_getfd(pidfd.as_fd(), uffd as i32)
         .map_err(|e| Error::sys("pidfd_getfd", e))?;
     d.sys("close", libc::SYS_close, [uffd, 0, 0, 0, 0, 0])?;
@@ -695,7 +695,12 @@ fn set_mm(d: &mut Driver, st: &ProcState) -> Result<()> {
     Ok(())
 }
 
-fn restore_fds(d: &mut Driver, fds: &[Fd], stub_fds: &[i32]) -> Result<SocketLog> {
+fn restore_fds(
+    d: &mut Driver,
+    fds: &[Fd],
+    stub_fds: &[i32],
+    pidfd: std::os::fd::BorrowedFd<'_>,
+) -> Result<SocketLog> {
     let high = fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 1;
     let cloexec = |f: &Fd| f.flags & libc::O_CLOEXEC != 0;
     let nb = |f: &Fd| f.flags & libc::O_NONBLOCK != 0;
@@ -800,6 +805,24 @@ fn restore_fds(d: &mut Driver, fds: &[Fd], stub_fds: &[i32]) -> Result<SocketLog
                             0,
                         ],
                     )?;
+                }
+                // Bytes that were buffered in the pipe go back in, through our copy of its
+                // write end.
+                for e in fds.iter() {
+                    if let FdKind::Pipe {
+                        inode: i,
+                        data,
+                        capacity,
+                        ..
+                    } = &e.kind
+                        && i == inode
+                        && !data.is_empty()
+                    {
+                        let copy = sys::guard_fd::pidfd_getfd(pidfd, w2 as i32)
+                            .map_err(|e| Error::sys("pidfd_getfd of a rebuilt pipe", e))?;
+                        sys::guard_fd::pipe_fill(copy.as_fd(), data, *capacity as usize)
+                            .map_err(|e| Error::sys("refilling a pipe", e))?;
+                    }
                 }
                 d.sys("close", libc::SYS_close, [r2, 0, 0, 0, 0, 0])?;
                 d.sys("close", libc::SYS_close, [w2, 0, 0, 0, 0, 0])?;

@@ -68,3 +68,85 @@ pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// The bytes buffered in a pipe, read without consuming them (`tee` into a private pipe),
+/// and the pipe's capacity. `read_end` is our copy of the program's read end.
+pub fn pipe_peek(read_end: BorrowedFd<'_>) -> io::Result<(Vec<u8>, usize)> {
+    // SAFETY: fcntl with F_GETPIPE_SZ takes no pointer.
+    let cap = unsafe { libc::fcntl(read_end.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if cap < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (r, w) = crate::ns::pipe_cloexec()?;
+    // SAFETY: as above; growing our private pipe to hold everything the program's can.
+    if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, cap) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: tee takes two fds, a length and flags; no memory of ours is touched.
+    let n = unsafe {
+        libc::tee(
+            read_end.as_raw_fd(),
+            w.as_raw_fd(),
+            cap as usize,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok((Vec::new(), cap as usize));
+        }
+        return Err(e);
+    }
+    let mut data = vec![0u8; n as usize];
+    let mut got = 0usize;
+    while got < data.len() {
+        // SAFETY: reads into the unfilled tail of `data`.
+        let k = unsafe {
+            libc::read(
+                r.as_raw_fd(),
+                data[got..].as_mut_ptr().cast(),
+                data.len() - got,
+            )
+        };
+        if k <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        got += k as usize;
+    }
+    Ok((data, cap as usize))
+}
+
+/// Puts `data` back into a pipe through our copy of its write end, first giving the pipe at
+/// least `capacity` bytes of room.
+pub fn pipe_fill(write_end: BorrowedFd<'_>, data: &[u8], capacity: usize) -> io::Result<()> {
+    if capacity > 0 {
+        // SAFETY: fcntl F_SETPIPE_SZ takes an integer.
+        let r = unsafe {
+            libc::fcntl(
+                write_end.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                capacity as libc::c_int,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let mut done = 0usize;
+    while done < data.len() {
+        // SAFETY: writes from the unsent tail of `data`.
+        let k = unsafe {
+            libc::write(
+                write_end.as_raw_fd(),
+                data[done..].as_ptr().cast(),
+                data.len() - done,
+            )
+        };
+        if k <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        done += k as usize;
+    }
+    Ok(())
+}

@@ -1,4 +1,5 @@
-/* zdtm-style: an epoll loop over a timerfd, an eventfd and a pipe (both ends ours). */
+/* zdtm-style: an epoll loop over a timerfd, an eventfd and a pipe (both ends ours), plus a
+ * pipe with a growing backlog whose buffered bytes must survive a restore in order. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +15,8 @@ int main(int argc, char **argv) {
     int tf = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
     int ev = eventfd(0, EFD_NONBLOCK);
     int p[2]; if (pipe(p)) { puts("FAIL pipe"); return 1; }
+    int q[2]; if (pipe(q)) { puts("FAIL pipe"); return 1; }
+    long qw = 0, qr = 0;
     struct itimerspec its = {{0, 5000000}, {0, 5000000}};
     timerfd_settime(tf, 0, &its, NULL);
     struct epoll_event e;
@@ -35,9 +38,16 @@ int main(int argc, char **argv) {
             if (out[j].data.u64 == 2 && read(ev, &v, 8) == 8) event_ev++;
             if (out[j].data.u64 == 3 && read(p[0], &b, 1) == 1 && b == 'x') pipe_ev++;
         }
+        /* two bytes in, one byte out: the backlog grows by one per iteration */
+        for (int k = 0; k < 2; k++) { unsigned char b = qw % 251; if (write(q[1], &b, 1) == 1) qw++; }
+        { unsigned char b; if (read(q[0], &b, 1) == 1) { if (b != qr % 251) { printf("FAIL backlog byte %ld\n", qr); return 1; } qr++; } }
         usleep(5000);
         printf("tick %d\n", i);
     }
+    close(q[1]);
+    unsigned char b;
+    while (read(q[0], &b, 1) == 1) { if (b != qr % 251) { printf("FAIL drain byte %ld\n", qr); return 1; } qr++; }
+    if (qr != qw) { printf("FAIL backlog %ld of %ld\n", qr, qw); return 1; }
     if (timer_ev - mark_t < 5 || event_ev - mark_e < 5 || pipe_ev - mark_p < 5) {
         printf("FAIL events t=%ld e=%ld p=%ld\n", timer_ev - mark_t, event_ev - mark_e, pipe_ev - mark_p);
         return 1;

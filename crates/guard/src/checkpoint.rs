@@ -382,6 +382,7 @@ impl Incarnation {
             threads: thread_states,
             refusals,
             net: prog.net,
+            rlimits: procfs::rlimits(pid).map_err(sys_err("reading /proc/PID/limits"))?,
         };
         lg.rebaseline.clear();
         lg.brk_changed = false;

@@ -191,6 +191,10 @@ pub struct ProcState {
     pub ignored: u64,
     pub itimers: Vec<ITimer>,
     pub mm: MmLayout,
+    /// Resource limits `(resource, soft, hard)` from /proc/PID/limits (setrlimit and prlimit
+    /// are not trapped: /proc is read at every checkpoint).
+    #[serde(default)]
+    pub rlimits: Vec<(i32, u64, u64)>,
     pub threads: Vec<ThreadState>,
     /// Why this state cannot be restored faithfully (empty = restorable).
     pub refusals: Vec<String>,

@@ -78,6 +78,26 @@ pub fn parse_maps_line(line: &str) -> Option<Vma> {
     })
 }
 
+/// Resource limits `(resource, soft, hard)` in RLIMIT_* order; "unlimited" is `u64::MAX`.
+pub fn rlimits(pid: Pid) -> io::Result<Vec<(i32, u64, u64)>> {
+    let t = fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let val = |s: &str| {
+        if s == "unlimited" {
+            Some(u64::MAX)
+        } else {
+            s.parse().ok()
+        }
+    };
+    Ok(t.lines()
+        .skip(1)
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let cols: Vec<&str> = l.get(26..)?.split_whitespace().collect();
+            Some((i as i32, val(cols.first()?)?, val(cols.get(1)?)?))
+        })
+        .collect())
+}
+
 /// Thread ids of `pid` (host namespace), the leader first.
 pub fn tasks(pid: Pid) -> Vec<Pid> {
     let mut v: Vec<Pid> = fs::read_dir(format!("/proc/{pid}/task"))
@@ -462,6 +482,13 @@ mod tests {
         let (_, _, umask, threads) = status(me).unwrap();
         assert!(umask <= 0o777 && threads >= 1);
         let mm = mm_layout(me).unwrap();
+        let lim = rlimits(me).unwrap();
+        assert_eq!(lim.len(), 16);
+        assert_eq!(
+            lim[libc::RLIMIT_NOFILE as usize].0,
+            libc::RLIMIT_NOFILE as i32
+        );
+        assert!(lim[libc::RLIMIT_NOFILE as usize].1 > 0);
         assert!(mm.start_code < mm.end_code && !mm.auxv.is_empty());
         let pidfd = sys::pidfd::PidFd::open(me).unwrap();
         use std::os::fd::AsFd;

@@ -427,6 +427,19 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
         [u64::from(st.umask), 0, 0, 0, 0, 0],
     )?;
     restore_signals(&mut d, st)?;
+    for &(res, soft, hard) in &st.rlimits {
+        let mut b = soft.to_le_bytes().to_vec();
+        b.extend_from_slice(&hard.to_le_bytes());
+        let a = d.data(&b)?;
+        // Raising a hard limit above the restorer's needs CAP_SYS_RESOURCE: keep going.
+        if let Err(e) = d.sys(
+            "prlimit64",
+            libc::SYS_prlimit64,
+            [0, res as u64, a, 0, 0, 0],
+        ) {
+            tracing::warn!(target: "guard", "resource limit {res} not restored: {e}");
+        }
+    }
     let th = &st.threads[0];
     let (insn, scr) = (d.insn, d.scratch);
     thread_state(&mut d.t, &d.mem, insn, scr, th)?;

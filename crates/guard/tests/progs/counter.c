@@ -5,12 +5,18 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
 int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 200;
     setvbuf(stdout, NULL, _IOLBF, 0);
+    /* A lowered soft fd limit is kernel state too (setrlimit is not trapped; /proc shows it). */
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    rl.rlim_cur = 321;
+    setrlimit(RLIMIT_NOFILE, &rl);
     unsigned long *heap = malloc(64 * 1024 * sizeof(unsigned long));
     unsigned long *map = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (!heap || map == MAP_FAILED) { puts("FAIL alloc"); return 1; }
@@ -37,6 +43,8 @@ int main(int argc, char **argv) {
         }
     }
     if (map[0] != check || sum != check) { printf("FAIL sum %lu %lu %lu\n", map[0], sum, check); return 1; }
+    getrlimit(RLIMIT_NOFILE, &rl);
+    if (rl.rlim_cur != 321) { printf("FAIL rlimit %lu\n", (unsigned long)rl.rlim_cur); return 1; }
     puts("PASS");
     return 0;
 }

@@ -300,6 +300,7 @@ impl Incarnation {
                 altstack: lg.altstacks.get(&tid.as_raw()).copied(),
                 robust: ptrace::robust_list(tid).ok().filter(|r| r.0 != 0),
                 clear_tid,
+                pending: procfs::pending(pid, tid).0,
             });
         }
         lap.push(("registers", lt.elapsed()));
@@ -382,6 +383,7 @@ impl Incarnation {
             threads: thread_states,
             refusals,
             net: prog.net,
+            pending: procfs::pending(pid, pid).1,
             rlimits: procfs::rlimits(pid).map_err(sys_err("reading /proc/PID/limits"))?,
         };
         lg.rebaseline.clear();

@@ -173,6 +173,9 @@ pub struct ThreadState {
     /// Clear-child-tid address (`set_tid_address`): what pthread_join waits on.
     #[serde(default)]
     pub clear_tid: u64,
+    /// Standard signals pending for this thread (SigPnd), re-sent after restore.
+    #[serde(default)]
+    pub pending: u64,
 }
 
 /// Everything the restorer needs besides page contents.
@@ -195,6 +198,9 @@ pub struct ProcState {
     /// are not trapped: /proc is read at every checkpoint).
     #[serde(default)]
     pub rlimits: Vec<(i32, u64, u64)>,
+    /// Standard signals pending for the whole process (ShdPnd), re-sent after restore.
+    #[serde(default)]
+    pub pending: u64,
     pub threads: Vec<ThreadState>,
     /// Why this state cannot be restored faithfully (empty = restorable).
     pub refusals: Vec<String>,

@@ -78,6 +78,19 @@ pub fn parse_maps_line(line: &str) -> Option<Vma> {
     })
 }
 
+/// Pending standard signals `(thread SigPnd, process ShdPnd)` of thread `tid` of `pid`.
+/// Real-time signals (32+) are left out: their queued siginfo cannot be re-created.
+pub fn pending(pid: Pid, tid: Pid) -> (u64, u64) {
+    let t = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+    let hex = |k| {
+        field(&t, k)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .unwrap_or(0)
+    };
+    let std_mask = (1u64 << 31) - 1;
+    (hex("SigPnd:") & std_mask, hex("ShdPnd:") & std_mask)
+}
+
 /// Resource limits `(resource, soft, hard)` in RLIMIT_* order; "unlimited" is `u64::MAX`.
 pub fn rlimits(pid: Pid) -> io::Result<Vec<(i32, u64, u64)>> {
     let t = fs::read_to_string(format!("/proc/{pid}/limits"))?;

@@ -568,6 +568,10 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
     d.t.set_options(ptrace::O_TRACESYSGOOD)
         .map_err(|e| Error::sys("re-enabling seccomp", e))?;
     tracing::debug!(target: "guard", "restore: tracker armed at {:?}", tf.elapsed());
+    let mut tids = vec![(pid, th.pending)];
+    for (nt, ts) in threads.iter().zip(&st.threads[1..]) {
+        tids.push((nt.pid(), ts.pending));
+    }
     for mut nt in threads {
         nt.set_options(ptrace::O_TRACESYSGOOD)
             .map_err(|e| Error::sys("re-enabling seccomp", e))?;
@@ -576,6 +580,20 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
     }
     d.t.detach()
         .map_err(|e| Error::sys("starting the restored program", e))?;
+    // Signals that were pending (blocked, mostly) are sent again, to the process or thread.
+    let sigs = |mask: u64| {
+        (1..=31).filter(move |s| {
+            mask & (1u64 << (s - 1)) != 0 && *s != libc::SIGKILL && *s != libc::SIGSTOP
+        })
+    };
+    for sig in sigs(st.pending) {
+        let _ = sys::process::kill(pid, sig);
+    }
+    for (tid, mask) in tids {
+        for sig in sigs(mask) {
+            let _ = ptrace::tgkill(pid, tid, sig);
+        }
+    }
     let inc = Incarnation::restored(pid, pidfd, tracker, known, st.mm.brk)?;
     Ok((inc, sockets, altstacks))
 }

@@ -143,6 +143,17 @@ pub fn adopt_new_thread(tid: Pid) -> io::Result<Tracee<Stopped>> {
     }
 }
 
+/// `tgkill(tgid, tid, sig)`: a signal for one thread.
+pub fn tgkill(tgid: Pid, tid: Pid, sig: i32) -> io::Result<()> {
+    // SAFETY: tgkill takes integers only.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, tgid.as_raw(), tid.as_raw(), sig) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `get_robust_list(tid)`: the thread's robust futex list `(head, len)` (futexes the kernel
 /// releases when the thread dies).
 pub fn robust_list(tid: Pid) -> io::Result<(u64, u64)> {

@@ -344,6 +344,56 @@ fn own_network_namespace_survives_restore() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SIGTERM to the guard is passed on; pid 1 ignores it without a handler, so a second one ends
+/// the program with SIGKILL and the guard exits instead of restoring it.
+#[test]
+fn termination_signals_stop_program_and_guard() {
+    let bin = prog("counter");
+    let dir = work_dir().join("img-term");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut g = Command::new(KINTSUGI)
+        .args(["guard", "--epoch", "20ms", "--images"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&bin)
+        .arg("5000")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(s) = status(&dir)
+            && s["layers_written"].as_u64().unwrap_or(0) >= 2
+        {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let app = st["app_pid"].as_i64().unwrap();
+    let term = |pid: u32| {
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    term(g.id());
+    std::thread::sleep(Duration::from_millis(100));
+    term(g.id());
+    assert_eq!(wait_deadline(&mut g, 10), 128 + 15);
+    assert!(
+        !Path::new(&format!("/proc/{app}")).exists(),
+        "the program is gone too"
+    );
+    let s = status(&dir).unwrap();
+    assert!(
+        s["state"].as_str().unwrap().contains("stopped by SIGTERM"),
+        "{s}"
+    );
+    assert_eq!(s["restores"], 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn timers_and_signal_handler() {
     case("timer", &[N], Crash::App, None);

@@ -31,6 +31,9 @@ pub struct Options {
     pub max_restores: u32,
     /// Run the program in its own network namespace (loopback only).
     pub net: bool,
+    /// Catch SIGINT/SIGTERM/SIGHUP (blocked in the calling thread and every thread started
+    /// after it) and pass them on to the program instead of dying and leaving it unguarded.
+    pub forward_signals: bool,
 }
 
 /// What `kintsugi guard --status` shows; written to `DIR/status.json` at every epoch.
@@ -106,6 +109,9 @@ pub struct Guard {
     status: Status,
     /// Exclusive lock on DIR/lock: one guard per image directory.
     _lock: std::fs::File,
+    signals: Option<sys::guard_sig::SignalFd>,
+    /// A termination signal arrived: the next exit ends the guard.
+    stopping: Option<(i32, Instant)>,
 }
 
 /// The guard's fds a launched program inherits (everything not close-on-exec), as
@@ -220,12 +226,14 @@ impl Guard {
         use std::os::fd::AsRawFd;
         let (w1r, r2r) = (w1.as_raw_fd(), r2.as_raw_fd());
         let net = opts.net;
+        let signals = block_signals(&opts)?;
         let flags = sys::ns::NEWPID | sys::ns::NEWNS | if net { sys::ns::NEWNET } else { 0 };
         let pid = match sys::ns::clone3_fork(flags, &[])
             .map_err(|e| Error::sys("clone3 into a new pid namespace", e))?
         {
             sys::process::Fork::Child => {
                 let _ = sys::ns::make_mounts_private();
+                let _ = sys::signal::unblock_all();
                 let lo = if net {
                     sys::ns::loopback_up().is_ok()
                 } else {
@@ -303,6 +311,8 @@ impl Guard {
             next_full: true,
             status,
             _lock: lock,
+            signals,
+            stopping: None,
         })
     }
 
@@ -311,6 +321,7 @@ impl Guard {
         let filter = NotifyFilter::new(&log::trapped_numbers())
             .map_err(|e| Error::sys("building the seccomp filter", e))?;
         let lock = lock_dir(&opts.images)?;
+        let signals = block_signals(&opts)?;
         let log = Arc::new(Mutex::new(Log::default()));
         let t0 = Instant::now();
         let r = crate::restore::restore(&opts.images, &filter)?;
@@ -342,6 +353,8 @@ impl Guard {
             status,
             opts,
             _lock: lock,
+            signals,
+            stopping: None,
         };
         g.adopt_log(&r.state, r.sockets, r.altstacks);
         g.server = Some(start_server(r.listener, &g.log));
@@ -378,8 +391,25 @@ impl Guard {
         loop {
             let now = Instant::now();
             let wait = next.saturating_duration_since(now);
-            let ended =
-                sys::pidfd::wait_readable(self.inc.pidfd.as_fd(), Some(wait)).unwrap_or(false);
+            let ended = match &self.signals {
+                None => {
+                    sys::pidfd::wait_readable(self.inc.pidfd.as_fd(), Some(wait)).unwrap_or(false)
+                }
+                Some(sf) => {
+                    let r = sys::guard_sig::wait_any(&[self.inc.pidfd.as_fd(), sf.as_fd()], wait)
+                        .unwrap_or_else(|_| vec![false, false]);
+                    if r[1] {
+                        self.on_signal();
+                    }
+                    r[0]
+                }
+            };
+            if let Some((_, since)) = self.stopping
+                && since.elapsed() > Duration::from_secs(3)
+            {
+                // pid 1 of its namespace ignores signals it has no handler for: insist.
+                let _ = sys::process::kill(self.inc.pid, libc::SIGKILL);
+            }
             if ended {
                 let st = self.inc.pidfd.try_wait().ok().flatten();
                 if let Some(code) = self.on_exit(st)? {
@@ -507,12 +537,36 @@ impl Guard {
     }
 
     /// The program ended. `Some(code)`: the guard is done; `None`: restored, keep guarding.
+    /// SIGINT/SIGTERM/SIGHUP to the guard: pass it on to the program; a second one, or 3 s
+    /// without an exit, ends it with SIGKILL. Either way the guard then exits, not restores.
+    fn on_signal(&mut self) {
+        let Some(sf) = &self.signals else { return };
+        while let Ok(Some(sig)) = sf.try_read() {
+            if self.stopping.is_some() {
+                let _ = sys::process::kill(self.inc.pid, libc::SIGKILL);
+            } else {
+                tracing::info!(target: "guard", "{}: passing it on to the program and stopping", sys::signal::name(sig));
+                self.stopping = Some((sig, Instant::now()));
+                let _ = sys::process::kill(self.inc.pid, sig);
+            }
+        }
+    }
+
     fn on_exit(&mut self, st: Option<ExitStatus>) -> Result<Option<i32>> {
         self.stop_server();
         let st = st.unwrap_or(ExitStatus::Signaled {
             signal: libc::SIGKILL,
             core: false,
         });
+        if let Some((sig, _)) = self.stopping {
+            self.status.state = format!("stopped by {} ({st})", sys::signal::name(sig));
+            self.write_status();
+            self.wait_merge();
+            return Ok(Some(match st {
+                ExitStatus::Exited(c) => c,
+                ExitStatus::Signaled { .. } => 128 + sig,
+            }));
+        }
         match st {
             ExitStatus::Exited(code) => {
                 self.status.state = format!("exited {code}");
@@ -569,6 +623,15 @@ impl Guard {
             }
         }
     }
+}
+
+fn block_signals(opts: &Options) -> Result<Option<sys::guard_sig::SignalFd>> {
+    if !opts.forward_signals {
+        return Ok(None);
+    }
+    sys::guard_sig::SignalFd::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+        .map(Some)
+        .map_err(|e| Error::sys("blocking SIGINT/SIGTERM/SIGHUP for forwarding", e))
 }
 
 /// Locks `dir` for this guard, so two guards never write one image directory.

@@ -266,6 +266,7 @@ fn measure(a: &Args, exe: &Path, base: &Path) -> anyhow::Result<Report> {
                 merge_every: u64::MAX,
                 max_restores: 0,
                 net: false,
+                forward_signals: false,
             };
             let argv = vec![
                 exe.to_string_lossy().into_owned(),

@@ -61,6 +61,7 @@ pub fn options(a: &Args) -> guard::guard::Options {
         merge_every: a.merge_every.max(1),
         max_restores: a.max_restores,
         net: a.net,
+        forward_signals: true,
     }
 }
 

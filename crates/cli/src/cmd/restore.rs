@@ -29,6 +29,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         merge_every: a.merge_every.max(1),
         max_restores: a.max_restores,
         net: false, // taken from the image
+        forward_signals: true,
     };
     let g = guard::guard::Guard::from_images(opts)
         .with_context(|| format!("restoring from {}", a.dir.display()))?;

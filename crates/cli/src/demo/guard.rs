@@ -21,6 +21,7 @@ pub fn run(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
         merge_every: 16,
         max_restores: 3,
         net: false,
+        forward_signals: false,
     };
     let argv = vec![
         exe.to_string_lossy().into_owned(),

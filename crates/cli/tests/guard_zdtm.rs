@@ -209,6 +209,14 @@ fn big_sparse_anon_mapping() {
     case("sparse", &[N], Crash::Both, None);
 }
 
+/// 64 MB written everywhere while the first capture (≥ 8 MB: copied after the program
+/// resumes, completed by the next layer) is taken.
+#[test]
+fn big_memory_first_capture_copied_while_running() {
+    case("bigmem", &[N], Crash::App, None);
+    case("bigmem", &[N], Crash::Both, None);
+}
+
 #[test]
 fn file_written_and_read_at_offsets() {
     let f = work_dir().join("fileoff.dat");

@@ -41,7 +41,12 @@ pub struct Incarnation {
     brk: u64,
     /// Clear-child-tid address per thread (host tid).
     clear_tids: std::collections::HashMap<Pid, u64>,
+    /// Ranges of the last checkpoint to copy after the program resumed.
+    late: Vec<(u64, usize)>,
 }
+
+/// Whole-mapping captures at least this big are copied after the program resumes.
+const LATE_COPY_MIN: usize = 8 << 20;
 
 /// What one checkpoint cost.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +68,7 @@ impl Incarnation {
             insn: None,
             brk: 0,
             clear_tids: Default::default(),
+            late: Vec::new(),
         })
     }
 
@@ -90,7 +96,28 @@ impl Incarnation {
             insn: None,
             brk,
             clear_tids: Default::default(),
+            late: Vec::new(),
         })
+    }
+
+    /// Copies the ranges the last checkpoint left for after the resume into `layer` (the
+    /// program runs meanwhile; see `LATE_COPY_MIN`). A range that vanished is skipped: its
+    /// mapping changed and the next layer captures it anew.
+    pub fn copy_late(&mut self, layer: &mut Layer) {
+        let late = std::mem::take(&mut self.late);
+        for group in late.chunks(256) {
+            match sys::remote_mem::read_runs(self.pid, group) {
+                Ok(bufs) => layer.pages.extend(group.iter().map(|r| r.0).zip(bufs)),
+                Err(_) => {
+                    for &(a, l) in group {
+                        let mut b = vec![0u8; l];
+                        if sys::remote_mem::read(self.pid, a, &mut b).is_ok() {
+                            layer.pages.push((a, b));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Forgets what was captured: the next checkpoint captures every mapping in full.
@@ -309,6 +336,8 @@ impl Incarnation {
         let mut vmas = procfs::maps(pid).map_err(sys_err("reading /proc/PID/maps"))?;
         let mut ranges: Vec<(u64, usize)> = Vec::new();
         let mut untracked: Vec<u64> = Vec::new();
+        let mut rebase_ranges: Vec<(u64, usize)> = Vec::new();
+        let first_capture = self.known.is_empty();
         let overlaps = |v: &Vma, r: &[(u64, u64)]| r.iter().any(|&(a, b)| a < v.end && v.start < b);
         for v in &mut vmas {
             let prev = self
@@ -330,6 +359,7 @@ impl Incarnation {
                     Scan::NotTracked => rebase = true,
                 }
             }
+            let mut late_ok = false;
             if rebase {
                 runs = match v.kind {
                     VmaKind::PrivateFile { .. } => pagemap.populated_anon(v.start, v.end),
@@ -344,12 +374,32 @@ impl Incarnation {
                     // Untrackable mapping: it is captured whole at every epoch instead.
                     tracing::debug!(target: "guard", "cannot write-protect {:#x}-{:#x} {}: {e}", v.start, v.end, v.label);
                     untracked.push(v.start);
+                } else {
+                    late_ok = true;
                 }
                 v.base_seq = seq;
             } else {
                 v.base_seq = prev.map(|p| p.base_seq).unwrap_or(seq);
             }
-            ranges.extend(runs.iter().map(|&(a, b)| (a, (b - a) as usize)));
+            let dst = if late_ok {
+                &mut rebase_ranges
+            } else {
+                &mut ranges
+            };
+            dst.extend(runs.iter().map(|&(a, b)| (a, (b - a) as usize)));
+        }
+        // Mappings captured whole are write-protected now: if they are big, copy them after
+        // the program resumes. What it writes meanwhile is reported written and lands in the
+        // next layer, so this layer is only restorable together with the next one.
+        // Only for a first capture (launch, exec, after a failed write): were it allowed every
+        // epoch, a program that re-captures a big mapping each time (a growing heap) would
+        // never reach a restorable layer again.
+        self.late.clear();
+        let rebase_bytes: usize = rebase_ranges.iter().map(|r| r.1).sum();
+        if first_capture && rebase_bytes >= LATE_COPY_MIN {
+            self.late = rebase_ranges;
+        } else {
+            ranges.extend(rebase_ranges);
         }
         lap.push(("dirty scan", lt.elapsed()));
         let bufs = sys::remote_mem::read_runs(pid, &ranges)
@@ -383,6 +433,7 @@ impl Incarnation {
             threads: thread_states,
             refusals,
             net: prog.net,
+            incomplete: !self.late.is_empty(),
             pending: procfs::pending(pid, pid).1,
             rlimits: procfs::rlimits(pid).map_err(sys_err("reading /proc/PID/limits"))?,
         };

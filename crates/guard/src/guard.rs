@@ -464,6 +464,7 @@ impl Guard {
     pub fn epoch(&mut self) -> Result<EpochRecord> {
         let seq = self.next_seq;
         let (mut layer, stats) = self.inc.checkpoint(&self.prog, &self.log, seq)?;
+        self.inc.copy_late(&mut layer);
         layer.full = self.next_full;
         let refusals = layer.state.state.refusals.clone();
         let mut rec = EpochRecord {

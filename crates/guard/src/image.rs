@@ -82,6 +82,10 @@ pub enum ImageError {
     )]
     Empty { dir: PathBuf },
     #[error(
+        "image directory {dir} holds no restorable layer yet: the first checkpoint completes with the next epoch"
+    )]
+    NotYet { dir: PathBuf },
+    #[error(
         "image directory {dir}: layer {seq} needs the full layer it builds on, but none exists at or before it"
     )]
     NoBase { dir: PathBuf, seq: u64 },
@@ -440,12 +444,13 @@ impl Chain {
 /// damaged one fails the whole load (never a half-restore).
 pub fn load_chain(dir: &Path) -> Result<Chain, ImageError> {
     let seqs = list_layers(dir)?;
-    let Some(&top) = seqs.last() else {
+    let Some(&newest) = seqs.last() else {
         return Err(ImageError::Empty {
             dir: dir.to_path_buf(),
         });
     };
     let mut layers: Vec<(Parsed, Vec<u8>)> = Vec::new();
+    let mut top = newest;
     let mut want = top;
     loop {
         if !seqs.contains(&want) {
@@ -475,6 +480,17 @@ pub fn load_chain(dir: &Path) -> Result<Chain, ImageError> {
             source,
         })?;
         let l = parse(&path, &buf)?;
+        if layers.is_empty() && l.state.state.incomplete {
+            // Copied partly while the program ran: only restorable under its successor.
+            if want == 0 || !seqs.contains(&(want - 1)) {
+                return Err(ImageError::NotYet {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            want -= 1;
+            top = want;
+            continue;
+        }
         let full = l.full;
         layers.push((l, buf));
         if full {
@@ -663,6 +679,48 @@ mod tests {
         assert_eq!(list_layers(&dir).unwrap(), vec![3]);
         let c = load_chain(&dir).unwrap();
         assert_eq!((c.base, c.top, c.page_bytes()), (3, 3, 4096));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn incomplete_top_layer_is_restorable_only_under_its_successor() {
+        let dir = std::env::temp_dir().join(format!("guard-image-inc-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut st = state_with(vec![anon(0x10000, 0x12000, 1)]);
+        st.state.incomplete = true;
+        let l1 = Layer {
+            seq: 1,
+            full: true,
+            state: st.clone(),
+            pages: vec![(0x10000, vec![1u8; 8192])],
+        };
+        write_layer(&dir, &l1).unwrap();
+        assert!(matches!(load_chain(&dir), Err(ImageError::NotYet { .. })));
+        let l2 = Layer {
+            seq: 2,
+            full: false,
+            state: state_with(vec![anon(0x10000, 0x12000, 1)]),
+            pages: vec![(0x11000, vec![2u8; 4096])],
+        };
+        write_layer(&dir, &l2).unwrap();
+        let l3 = Layer {
+            seq: 3,
+            full: false,
+            state: st,
+            pages: vec![(0x10000, vec![3u8; 4096])],
+        };
+        write_layer(&dir, &l3).unwrap();
+        let c = load_chain(&dir).unwrap();
+        assert_eq!(
+            (c.base, c.top),
+            (1, 2),
+            "layer 3 is skipped until layer 4 exists"
+        );
+        assert_eq!(
+            (c.page(0x10000).unwrap()[0], c.page(0x11000).unwrap()[0]),
+            (1, 2)
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -204,6 +204,10 @@ pub struct ProcState {
     pub threads: Vec<ThreadState>,
     /// Why this state cannot be restored faithfully (empty = restorable).
     pub refusals: Vec<String>,
+    /// Some pages of this layer were copied after the program resumed: it is restorable only
+    /// with the next layer on top (which holds every page written meanwhile).
+    #[serde(default)]
+    pub incomplete: bool,
     /// The program had its own network namespace (loopback only): restore makes a new one.
     #[serde(default)]
     pub net: bool,

@@ -8,21 +8,57 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const KINTSUGI: &str = env!("CARGO_BIN_EXE_kintsugi");
 
-fn work_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("kintsugi-guard-zdtm-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    })
+/// This test's scratch directory (per process and test thread, so tests never share one).
+fn work_dir() -> PathBuf {
+    let t = std::thread::current()
+        .name()
+        .unwrap_or("main")
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+    let d = std::env::temp_dir().join(format!("kintsugi-guard-zdtm-{}-{t}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
 
-/// Compiles a test program once per test process.
+/// Created first in every test: on the way out (pass or panic) it SIGKILLs, by pid, every
+/// guard and program a status.json under the test's directory names, and removes the directory.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let dir = work_dir();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.filter_map(|e| e.ok()) {
+                if let Some(s) = status(&e.path()) {
+                    for key in ["guard_pid", "app_pid"] {
+                        // Only if the pid is still ours: its command line names this
+                        // test's directory (the program lives there, the guard's images too).
+                        let ours = |pid: i64| {
+                            std::fs::read(format!("/proc/{pid}/cmdline"))
+                                .map(|c| {
+                                    String::from_utf8_lossy(&c)
+                                        .contains(dir.to_str().unwrap_or("?"))
+                                })
+                                .unwrap_or(false)
+                        };
+                        if let Some(pid) = s[key].as_i64()
+                            && pid > 0
+                            && ours(pid)
+                        {
+                            kill(pid);
+                        }
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Compiles a test program into the test's directory.
 fn prog(name: &str) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../guard/tests/progs/{name}.c"));
     let out = work_dir().join(name);
@@ -199,12 +235,14 @@ const N: &str = "150";
 
 #[test]
 fn counter_in_anon_memory() {
+    let _cleanup = Cleanup;
     case("counter", &[N], Crash::App, None);
     case("counter", &[N], Crash::Both, None);
 }
 
 #[test]
 fn big_sparse_anon_mapping() {
+    let _cleanup = Cleanup;
     case("sparse", &[N], Crash::App, None);
     case("sparse", &[N], Crash::Both, None);
 }
@@ -213,12 +251,14 @@ fn big_sparse_anon_mapping() {
 /// resumes, completed by the next layer) is taken.
 #[test]
 fn big_memory_first_capture_copied_while_running() {
+    let _cleanup = Cleanup;
     case("bigmem", &[N], Crash::App, None);
     case("bigmem", &[N], Crash::Both, None);
 }
 
 #[test]
 fn file_written_and_read_at_offsets() {
+    let _cleanup = Cleanup;
     let f = work_dir().join("fileoff.dat");
     case("fileoff", &[N, f.to_str().unwrap()], Crash::App, None);
     case("fileoff", &[N, f.to_str().unwrap()], Crash::Both, None);
@@ -226,6 +266,7 @@ fn file_written_and_read_at_offsets() {
 
 #[test]
 fn append_only_log_file() {
+    let _cleanup = Cleanup;
     let f = work_dir().join("append.log");
     case("appendlog", &[N, f.to_str().unwrap()], Crash::App, None);
     case("appendlog", &[N, f.to_str().unwrap()], Crash::Both, None);
@@ -233,6 +274,7 @@ fn append_only_log_file() {
 
 #[test]
 fn shared_file_mapping() {
+    let _cleanup = Cleanup;
     let f = work_dir().join("shared.map");
     case("sharedmap", &[N, f.to_str().unwrap()], Crash::App, None);
     case("sharedmap", &[N, f.to_str().unwrap()], Crash::Both, None);
@@ -240,6 +282,7 @@ fn shared_file_mapping() {
 
 #[test]
 fn one_guard_per_image_directory() {
+    let _cleanup = Cleanup;
     let bin = prog("counter");
     let dir = work_dir().join("img-lock");
     let _ = std::fs::remove_dir_all(&dir);
@@ -274,12 +317,14 @@ fn one_guard_per_image_directory() {
 
 #[test]
 fn four_threads_each_with_own_state() {
+    let _cleanup = Cleanup;
     case("threads", &[N], Crash::App, None);
     case("threads", &[N], Crash::Both, None);
 }
 
 #[test]
 fn program_that_execs_another() {
+    let _cleanup = Cleanup;
     // The guarded command is a shell that execs the counter: the guard re-arms its tracker on
     // the new address space.
     let cmd = format!("exec {} {N}", prog("counter").display());
@@ -292,6 +337,7 @@ fn program_that_execs_another() {
 /// restore.
 #[test]
 fn own_network_namespace_survives_restore() {
+    let _cleanup = Cleanup;
     let bin = prog("counter");
     let dir = work_dir().join("img-net");
     let _ = std::fs::remove_dir_all(&dir);
@@ -356,6 +402,7 @@ fn own_network_namespace_survives_restore() {
 /// the program with SIGKILL and the guard exits instead of restoring it.
 #[test]
 fn termination_signals_stop_program_and_guard() {
+    let _cleanup = Cleanup;
     let bin = prog("counter");
     let dir = work_dir().join("img-term");
     let _ = std::fs::remove_dir_all(&dir);
@@ -404,18 +451,21 @@ fn termination_signals_stop_program_and_guard() {
 
 #[test]
 fn timers_and_signal_handler() {
+    let _cleanup = Cleanup;
     case("timer", &[N], Crash::App, None);
     case("timer", &[N], Crash::Both, None);
 }
 
 #[test]
 fn epoll_loop_over_timerfd_eventfd_pipe() {
+    let _cleanup = Cleanup;
     case("epoll", &[N], Crash::App, None);
     case("epoll", &[N], Crash::Both, None);
 }
 
 #[test]
 fn listening_tcp_socket_accepts_after_restore() {
+    let _cleanup = Cleanup;
     let port = 40000 + (std::process::id() % 20000) as u16;
     let ping = move || {
         let Ok(mut s) = std::net::TcpStream::connect_timeout(
@@ -437,6 +487,7 @@ fn listening_tcp_socket_accepts_after_restore() {
 
 #[test]
 fn refuses_io_uring_and_reports_it_in_status() {
+    let _cleanup = Cleanup;
     let bin = prog("refuse");
     let dir = work_dir().join("img-refuse");
     let _ = std::fs::remove_dir_all(&dir);
@@ -478,6 +529,7 @@ fn refuses_io_uring_and_reports_it_in_status() {
 
 #[test]
 fn corrupt_image_is_rejected_naming_the_record() {
+    let _cleanup = Cleanup;
     let bin = prog("counter");
     let dir = work_dir().join("img-corrupt");
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,5 +1,6 @@
 //! The fault matrix: (panic, SIGSEGV, SIGKILL, hang) × (during write, during rename, during
-//! readdir, idle) against a real level-4 SMFS mount. After every cell the mount must answer
+//! readdir, idle) against a real level-4 SMFS mount, and (SIGSEGV, SIGKILL, hang) × the same
+//! phases at level 5, where the fault kills the host itself and a parked standby takes over. After every cell the mount must answer
 //! (never ENOTCONN), the module must have really failed and been restarted, and every byte
 //! acknowledged before (write + fsync) must read back intact. Needs root and /dev/fuse.
 
@@ -76,7 +77,11 @@ fn cell(m: &Mount, fault: &str, phase: &str, acked: &mut Vec<(std::path::PathBuf
 }
 
 fn matrix_for(fault: &str) {
-    let m = Mount::new(4, &["--deadline-ms", "1000"]);
+    matrix_at(4, fault);
+}
+
+fn matrix_at(level: u8, fault: &str) {
+    let m = Mount::new(level, &["--deadline-ms", "1000"]);
     let mut acked = Vec::new();
     for phase in ["write", "rename", "readdir", "idle"] {
         cell(&m, fault, phase, &mut acked);
@@ -139,10 +144,28 @@ fn eio_policy_rolls_back_the_failed_write() {
     assert_eq!(std::fs::read(m.path("g")).unwrap(), b"after");
 }
 
-/// Level 5: a panic is caught in-process and answered EIO; the mount stays up. Crashes that
-/// kill the process are refused by fsctl with the reason.
+/// Level 5: the fault kills the host process (the module is linked in); the rfork standby,
+/// which holds the initialized /dev/fuse connection, takes over, resends the request in
+/// flight, and nothing acknowledged is lost.
 #[test]
-fn level5_contains_panics_and_refuses_process_killers() {
+fn level5_fault_matrix_segv() {
+    matrix_at(5, "segv");
+}
+
+#[test]
+fn level5_fault_matrix_kill() {
+    matrix_at(5, "kill");
+}
+
+#[test]
+fn level5_fault_matrix_hang() {
+    matrix_at(5, "hang");
+}
+
+/// Level 5: a panic is caught in-process and answered EIO (no undo log, no retry at level 5);
+/// the mount stays up and the host is not restarted for it.
+#[test]
+fn level5_contains_panics() {
     let m = Mount::new(5, &[]);
     write_acked(&m.path("a"), b"acked");
     m.inject("panic", Some("readdir"));
@@ -152,20 +175,7 @@ fn level5_contains_panics_and_refuses_process_killers() {
     assert_eq!(e.raw_os_error(), Some(libc::EIO));
     m.assert_alive();
     assert_eq!(std::fs::read(m.path("a")).unwrap(), b"acked");
-    let out = run(&[
-        "fsctl",
-        m.dir.to_str().unwrap(),
-        "inject-fault",
-        "segv",
-        "--during",
-        "write",
-    ]);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("level 5"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(m.status()["restarts"].as_u64().unwrap(), 0);
 }
 
 /// A module that crashes faster than the restart intensity allows (200 in 10 s): the

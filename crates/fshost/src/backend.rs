@@ -193,6 +193,19 @@ impl Backend {
         }
     }
 
+    /// Level 5, in a host process restarted from its rfork-time image: the module's memory is
+    /// that of the image, so it must re-read its state from the store before the next request,
+    /// and locks the dead process held in the shared store are released. Returns how many.
+    pub fn reattach_after_restart(&self) -> usize {
+        match self {
+            Backend::Direct(d, store) => {
+                d.lock().unwrap_or_else(|p| p.into_inner()).attached = false;
+                store.release_all(DIRECT_OWNER)
+            }
+            Backend::Remote(..) => 0,
+        }
+    }
+
     pub fn level(&self) -> Level {
         match self {
             Backend::Direct(..) => Level::L5,

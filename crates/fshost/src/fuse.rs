@@ -64,6 +64,10 @@ pub struct HostFs {
     /// The root's last attributes: served from here once the module supervisor has given up,
     /// so the status file (which the kernel reaches through the root) still answers.
     root_attr: Mutex<Option<Attr>>,
+    /// Level 5 under rfork supervision: shared words recording the request in flight.
+    inflight: Option<Arc<sys::shm::SharedAtomics>>,
+    /// The rfork generation this host last served in (level 5 under supervision).
+    generation_seen: std::sync::atomic::AtomicU32,
 }
 
 fn ts_to_system(t: Timespec) -> SystemTime {
@@ -155,7 +159,28 @@ impl HostFs {
             files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             root_attr: Mutex::new(None),
+            inflight: None,
+            generation_seen: std::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    /// Level 5 under rfork supervision (see `l5`): requests are recorded in shared words so a
+    /// restarted host can tell which request its predecessor died in.
+    pub fn supervise_level5(&mut self, words: Arc<sys::shm::SharedAtomics>) {
+        let me = u64::from(sys::Pid::this().as_raw() as u32);
+        words.word(crate::l5::HOST_PID).store(me, Ordering::Relaxed);
+        self.inflight = Some(words);
+    }
+
+    /// The context of a request; under level-5 supervision also records it as in flight.
+    fn ctx(&self, req: &fuser::Request) -> Ctx {
+        if let Some(w) = &self.inflight {
+            w.word(crate::l5::INFLIGHT_SINCE)
+                .store(sys::clock::monotonic_ns(), Ordering::Relaxed);
+            w.word(crate::l5::INFLIGHT)
+                .store(req.unique().0, Ordering::Release);
+        }
+        ctx(req)
     }
 
     /// Formats the store through the module (at level 4, in the module process).
@@ -178,7 +203,21 @@ impl HostFs {
                 _ => None,
             }
         };
-        self.backend.call(Request { ctx, op }, fault, &self.stats)
+        if self.inflight.is_some() {
+            let g = rfork::generation();
+            if self.generation_seen.swap(g, Ordering::Relaxed) != g {
+                // A new host generation: the module's memory is the rfork-time image's.
+                let released = self.backend.reattach_after_restart();
+                if released > 0 {
+                    tracing::warn!(released, "released store locks held by the dead host");
+                }
+            }
+        }
+        let reply = self.backend.call(Request { ctx, op }, fault, &self.stats);
+        if let Some(w) = &self.inflight {
+            w.word(crate::l5::INFLIGHT).store(0, Ordering::Release);
+        }
+        reply
     }
 
     fn remember(&self, ino: Ino) {
@@ -232,14 +271,21 @@ impl HostFs {
             .trim();
         let (kind, class) = v.split_once(':').unwrap_or((v, ""));
         let fault = Fault::parse(kind).ok_or(Errno::EINVAL)?;
-        if class.is_empty() {
+        if class.is_empty() && self.inflight.is_some() {
+            // Level 5 has no separate module process to fault "between requests": the host is
+            // the module. An idle fault fires in the next request, whatever it is.
+            *self.armed.lock().unwrap_or_else(|p| p.into_inner()) = Some((fault, OpClass::Any));
+        } else if class.is_empty() {
             self.backend.idle_fault(fault).map_err(|m| {
                 tracing::warn!("{m}");
                 Errno::EOPNOTSUPP
             })?;
         } else {
             let class = OpClass::parse(class).ok_or(Errno::EINVAL)?;
-            if self.backend.level() == crate::backend::Level::L5 && fault != Fault::Panic {
+            if self.backend.level() == crate::backend::Level::L5
+                && fault != Fault::Panic
+                && self.inflight.is_none()
+            {
                 tracing::warn!(
                     "level 5 has no isolation: only 'panic' (caught in-process) can be injected; mount with --level 4"
                 );
@@ -274,6 +320,18 @@ impl HostFs {
 
     fn status(&self) -> Vec<u8> {
         let mut j = self.stats.json(self.backend.level(), &self.module);
+        if let Some(w) = &self.inflight {
+            // The process to signal is the original host (it unmounts on SIGTERM); requests
+            // are served by its current rfork worker.
+            j["host_pid"] = w.word(crate::l5::HOST_PID).load(Ordering::Relaxed).into();
+            j["serving_pid"] = sys::Pid::this().as_raw().into();
+            // Level 5: the host process itself restarts; its counters restart with it, so the
+            // generation (from rfork) is the durable count.
+            let restarts = u64::from(rfork::generation().saturating_sub(1));
+            j["restarts"] = restarts.into();
+            let panics = self.stats.module_failures.load(Ordering::Relaxed);
+            j["module_failures"] = (panics + restarts).into();
+        }
         j["store_free_blocks"] = self.backend.store().free_blocks().into();
         j["open_files"] = self
             .files
@@ -297,7 +355,7 @@ impl Filesystem for HostFs {
             return reply.entry(&Duration::ZERO, &self.status_attr(), Generation(0));
         }
         let r = self.call(
-            ctx(req),
+            self.ctx(req),
             Op::Lookup {
                 parent: Ino(parent.0),
                 name: name.as_bytes().to_vec(),
@@ -327,7 +385,7 @@ impl Filesystem for HostFs {
             return reply.attr(&Duration::ZERO, &self.status_attr());
         }
         let root = ino.0 == Ino::ROOT.0;
-        match self.call(ctx(req), Op::Getattr { ino: Ino(ino.0) }) {
+        match self.call(self.ctx(req), Op::Getattr { ino: Ino(ino.0) }) {
             Reply::Attr(a) => {
                 if root {
                     *self.root_attr.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
@@ -378,7 +436,7 @@ impl Filesystem for HostFs {
             ctime: ctime.map(system_to_ts),
         };
         match self.call(
-            ctx(req),
+            self.ctx(req),
             Op::Setattr {
                 ino: Ino(ino.0),
                 set,
@@ -391,7 +449,7 @@ impl Filesystem for HostFs {
     }
 
     fn readlink(&self, req: &fuser::Request, ino: INodeNo, reply: ReplyData) {
-        match self.call(ctx(req), Op::Readlink { ino: Ino(ino.0) }) {
+        match self.call(self.ctx(req), Op::Readlink { ino: Ino(ino.0) }) {
             Reply::Data(d) => reply.data(&d),
             Reply::Err(e) => reply.error(err(e)),
             _ => reply.error(fuser::Errno::EIO),
@@ -415,7 +473,7 @@ impl Filesystem for HostFs {
             umask,
             rdev,
         };
-        let r = self.call(ctx(req), op);
+        let r = self.call(self.ctx(req), op);
         self.entry(r, reply);
     }
 
@@ -429,7 +487,7 @@ impl Filesystem for HostFs {
         reply: ReplyEntry,
     ) {
         let r = self.call(
-            ctx(req),
+            self.ctx(req),
             Op::Mkdir {
                 parent: Ino(parent.0),
                 name: name.as_bytes().to_vec(),
@@ -443,7 +501,7 @@ impl Filesystem for HostFs {
     fn unlink(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         Self::empty(
             self.call(
-                ctx(req),
+                self.ctx(req),
                 Op::Unlink {
                     parent: Ino(parent.0),
                     name: name.as_bytes().to_vec(),
@@ -456,7 +514,7 @@ impl Filesystem for HostFs {
     fn rmdir(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         Self::empty(
             self.call(
-                ctx(req),
+                self.ctx(req),
                 Op::Rmdir {
                     parent: Ino(parent.0),
                     name: name.as_bytes().to_vec(),
@@ -479,7 +537,7 @@ impl Filesystem for HostFs {
             name: link_name.as_bytes().to_vec(),
             target: target.as_os_str().as_bytes().to_vec(),
         };
-        let r = self.call(ctx(req), op);
+        let r = self.call(self.ctx(req), op);
         self.entry(r, reply);
     }
 
@@ -500,7 +558,7 @@ impl Filesystem for HostFs {
             newname: newname.as_bytes().to_vec(),
             flags: flags.bits(),
         };
-        Self::empty(self.call(ctx(req), op), reply);
+        Self::empty(self.call(self.ctx(req), op), reply);
     }
 
     fn link(
@@ -516,7 +574,7 @@ impl Filesystem for HostFs {
             newparent: Ino(newparent.0),
             newname: newname.as_bytes().to_vec(),
         };
-        let r = self.call(ctx(req), op);
+        let r = self.call(self.ctx(req), op);
         self.entry(r, reply);
     }
 
@@ -529,7 +587,7 @@ impl Filesystem for HostFs {
             return reply.opened(FileHandle(STATUS_FH), FopenFlags::FOPEN_DIRECT_IO);
         }
         match self.call(
-            ctx(req),
+            self.ctx(req),
             Op::Open {
                 ino: Ino(ino.0),
                 flags: flags.0,
@@ -564,7 +622,7 @@ impl Filesystem for HostFs {
             offset,
             size: size.min(1 << 20),
         };
-        match self.call(ctx(req), op) {
+        match self.call(self.ctx(req), op) {
             Reply::Data(d) => reply.data(&d),
             Reply::Err(e) => reply.error(err(e)),
             _ => reply.error(fuser::Errno::EIO),
@@ -589,7 +647,7 @@ impl Filesystem for HostFs {
             offset,
             data: data.to_vec(),
         };
-        match self.call(ctx(req), op) {
+        match self.call(self.ctx(req), op) {
             Reply::Written(n) => reply.written(n),
             Reply::Err(e) => reply.error(err(e)),
             _ => reply.error(fuser::Errno::EIO),
@@ -606,7 +664,7 @@ impl Filesystem for HostFs {
     ) {
         Self::empty(
             self.call(
-                ctx(req),
+                self.ctx(req),
                 Op::Flush {
                     ino: Ino(ino.0),
                     fh: self.module_fh(fh),
@@ -637,7 +695,7 @@ impl Filesystem for HostFs {
         let module_fh = of.map_or(Fh(0), |f| f.module_fh);
         let ino = of.map_or(Ino(ino.0), |f| f.ino);
         Self::empty(
-            self.call(ctx(req), Op::Release { ino, fh: module_fh }),
+            self.call(self.ctx(req), Op::Release { ino, fh: module_fh }),
             reply,
         );
     }
@@ -652,7 +710,7 @@ impl Filesystem for HostFs {
     ) {
         Self::empty(
             self.call(
-                ctx(req),
+                self.ctx(req),
                 Op::Fsync {
                     ino: Ino(ino.0),
                     fh: self.module_fh(fh),
@@ -672,7 +730,7 @@ impl Filesystem for HostFs {
         mut reply: ReplyDirectory,
     ) {
         match self.call(
-            ctx(req),
+            self.ctx(req),
             Op::Readdir {
                 ino: Ino(ino.0),
                 offset,
@@ -698,7 +756,7 @@ impl Filesystem for HostFs {
     }
 
     fn statfs(&self, req: &fuser::Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.call(ctx(req), Op::Statfs) {
+        match self.call(self.ctx(req), Op::Statfs) {
             Reply::StatFs(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
             ),
@@ -766,7 +824,7 @@ impl Filesystem for HostFs {
             umask,
             flags,
         };
-        match self.call(ctx(req), op) {
+        match self.call(self.ctx(req), op) {
             Reply::Created(a, fh) => {
                 self.remember(a.ino);
                 let h = self.open_file(a.ino, fh);

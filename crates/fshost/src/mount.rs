@@ -247,13 +247,28 @@ fn serve_inner(
         Level::L5 => Backend::direct(module, store),
         Level::L4 => Backend::remote(module, store, opts.deadline, opts.on_crash, stats.clone())?,
     };
-    let fs = HostFs::new(backend, name.clone(), stats);
+    let mut fs = HostFs::new(backend, name.clone(), stats);
     fs.mkfs().map_err(HostError::Mkfs)?;
+    // Level 5: the host serves under rfork so the mount outlives a module crash (crate::l5).
+    let l5_words = match opts.level {
+        Level::L5 => {
+            let w = Arc::new(
+                sys::shm::SharedAtomics::new(crate::l5::WORDS)
+                    .map_err(|e| HostError::Daemon(format!("level-5 shared words: {e}")))?,
+            );
+            fs.supervise_level5(w.clone());
+            Some(w)
+        }
+        Level::L4 => None,
+    };
     unmount_on_signals(mp, set);
     let session = fuser::Session::new(fs, mp, &fuse_config(&name))
         .map_err(|e| HostError::Mount(path_str(mp), e))?;
     tracing::info!(mountpoint = %mp.display(), module = %name, level = opts.level.number(), "serving");
     tell(ready, "ok\n");
+    if let Some(words) = l5_words {
+        return crate::l5::serve_supervised(session, words, opts.deadline);
+    }
     session.run().map_err(|e| HostError::Mount(path_str(mp), e))
 }
 

@@ -286,11 +286,28 @@ fn notify_without_a_socket_says_why() {
 
 #[test]
 fn a_crash_loop_cannot_flood_the_log() {
-    let out = run(&["--max-restarts", "150", "--within", "60s", "--", "sh", "-c", "kill -SEGV $$"]);
-    assert_eq!(out.status.code(), Some(128 + libc::SIGSEGV), "{}", stderr(&out));
+    let out = run(&[
+        "--max-restarts",
+        "150",
+        "--within",
+        "60s",
+        "--",
+        "sh",
+        "-c",
+        "kill -SEGV $$",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGSEGV),
+        "{}",
+        stderr(&out)
+    );
     let k = kinds(&out);
     let restarted = k.iter().filter(|e| *e == "restarted").count();
-    assert!(restarted < 60, "{restarted} restart lines for 150 restarts: not rate-limited");
+    assert!(
+        restarted < 60,
+        "{restarted} restart lines for 150 restarts: not rate-limited"
+    );
     let ev = events(&out);
     assert_eq!(ev.last().expect("gave_up")["restarts_in_window"], 150);
 }

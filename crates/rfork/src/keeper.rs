@@ -37,7 +37,9 @@ use sys::shm::SharedAtomics;
 
 use crate::event::{Event, EventKind, Reason};
 use crate::policy::{Decision, Ending, Governor};
-use crate::worker::{GENERATION, HEARTBEAT, KEEPER_IDLE, RESTART_REQUESTED, STANDBY_PARKED};
+use crate::worker::{
+    EVENTS_DROPPED, GENERATION, HEARTBEAT, KEEPER_IDLE, RESTART_REQUESTED, STANDBY_PARKED,
+};
 use crate::{Config, Design};
 
 /// Exit status of a keeper that failed internally (fork impossible, …) after reporting it.
@@ -585,7 +587,29 @@ impl Keeper {
             restarts_in_window: self.governor.restarts_in_window(),
             at_ns: monotonic_ns(),
         };
-        let _ = rustix::net::send(&self.events, &ev.encode(), rustix::net::SendFlags::NOSIGNAL);
+        // Never block on the parent: a parent that does not read its events (it may rely on the
+        // notify signal alone, as in the paper) must not stall supervision. An event that finds
+        // the socket full is dropped and counted; only the last one (Removed, GaveUp) waits a
+        // bounded time for room, because wait() reports it.
+        let flags = rustix::net::SendFlags::NOSIGNAL | rustix::net::SendFlags::DONTWAIT;
+        let mut sent = rustix::net::send(&self.events, &ev.encode(), flags);
+        if sent == Err(rustix::io::Errno::AGAIN)
+            && matches!(kind, EventKind::Removed | EventKind::GaveUp)
+        {
+            let mut fds = [PollFd::new(&self.events, PollFlags::OUT)];
+            let second = rustix::event::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            if matches!(poll(&mut fds, Some(&second)), Ok(n) if n > 0) {
+                sent = rustix::net::send(&self.events, &ev.encode(), flags);
+            }
+        }
+        if sent == Err(rustix::io::Errno::AGAIN) {
+            self.shared
+                .word(EVENTS_DROPPED)
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if kind != EventKind::StandbyReady
             && let (Some(sig), Some(parent)) = (self.cfg.notify_signal, self.parent.as_ref())
         {

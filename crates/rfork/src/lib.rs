@@ -282,6 +282,15 @@ impl Supervised {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Events the keeper had to drop because this handle did not read them fast enough (the
+    /// socket was full). Supervision never waits for the reader; the final event (Removed,
+    /// GaveUp) waits up to a second for room.
+    pub fn dropped_events(&self) -> u64 {
+        self.shared
+            .word(worker::EVENTS_DROPPED)
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The next event, waiting at most `timeout` (None: forever); `Ok(None)` on timeout or
     /// after the last event.
     pub fn next_event(&mut self, timeout: Option<Duration>) -> io::Result<Option<Event>> {

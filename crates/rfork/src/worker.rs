@@ -18,7 +18,9 @@ pub(crate) const STANDBY_PARKED: usize = 2;
 pub(crate) const GENERATION: usize = 3;
 /// Set by the keeper while it waits with a standby parked and no teardown in flight.
 pub(crate) const KEEPER_IDLE: usize = 4;
-pub(crate) const WORDS: usize = 5;
+/// Events the keeper dropped because the parent's socket was full.
+pub(crate) const EVENTS_DROPPED: usize = 5;
+pub(crate) const WORDS: usize = 6;
 
 /// What the current process knows about itself if it is an rfork worker. Set once, right
 /// after fork, in the single-threaded child; read by [`heartbeat`] and [`request_restart`].

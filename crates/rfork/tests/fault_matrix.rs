@@ -294,3 +294,48 @@ fn kept_image_standby_is_parked_and_released() {
     s.wait().expect("wait");
     testkit::assert_no_children(Duration::from_secs(5));
 }
+
+#[test]
+fn a_parent_that_never_reads_events_does_not_stall_supervision() {
+    // 1,500 immediate crashes: far more events than the socket holds. The parent reads none of
+    // them until the end; supervision must go on regardless, and the final event must arrive.
+    const N: u64 = 1500;
+    let shared = sys::shm::SharedAtomics::new(1).expect("shared word");
+    let c = Config {
+        policy: Policy {
+            restart: RestartOn::OnCrash,
+            intensity: Intensity::UNLIMITED,
+            backoff: None,
+        },
+        ..Config::default()
+    };
+    let s = rfork::spawn(&c, |w| {
+        shared
+            .word(0)
+            .store(u64::from(w.generation()), Ordering::Relaxed);
+        if u64::from(w.generation()) < N {
+            let _ = sys::process::raise(libc::SIGKILL);
+        }
+        0
+    })
+    .expect("rfork");
+    assert!(
+        testkit::wait_until(Duration::from_secs(60), || shared
+            .word(0)
+            .load(Ordering::Relaxed)
+            >= N),
+        "supervision stalled at generation {} while nobody read events",
+        shared.word(0).load(Ordering::Relaxed)
+    );
+    let dropped = s.dropped_events();
+    let out = s.wait().expect("wait");
+    assert!(
+        dropped > 0,
+        "expected the socket to overflow (test too small?)"
+    );
+    assert_eq!(
+        out.last.map(|e| (e.kind, e.reason)),
+        Some((Removed, Reason::Exited(0)))
+    );
+    testkit::assert_no_children(Duration::from_secs(5));
+}

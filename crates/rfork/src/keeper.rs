@@ -101,7 +101,6 @@ enum Child {
 
 /// Returned only inside a new worker process.
 pub(crate) struct Becomes {
-    pub(crate) shared: Arc<SharedAtomics>,
     pub(crate) generation: u32,
 }
 
@@ -189,7 +188,7 @@ impl Keeper {
                 park(&shared, release)
             }
         };
-        Becomes { shared, generation }
+        Becomes { generation }
     }
 
     fn run_inner(&mut self) -> io::Result<Child> {

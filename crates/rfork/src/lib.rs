@@ -199,12 +199,9 @@ pub fn rfork(cfg: &Config) -> Result<Forked, Error> {
             if Pid::parent() != Some(caller) {
                 sys::process::exit_now(0); // the caller died before we could watch it
             }
+            let ctl = worker::Worker::install_in_keeper(shared.clone(), cfg.design);
             let becomes = keeper::Keeper::new(*cfg, parent, ev_keeper, ctl_keeper, shared).run();
-            Ok(Forked::Child(Worker::install(
-                becomes.shared,
-                cfg.design,
-                becomes.generation,
-            )))
+            Ok(Forked::Child(Worker::for_child(ctl, becomes.generation)))
         }
     }
 }

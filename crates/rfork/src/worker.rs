@@ -22,9 +22,12 @@ pub(crate) const KEEPER_IDLE: usize = 4;
 pub(crate) const EVENTS_DROPPED: usize = 5;
 pub(crate) const WORDS: usize = 6;
 
-/// What the current process knows about itself if it is an rfork worker. Set once, right
-/// after fork, in the single-threaded child; read by [`heartbeat`] and [`request_restart`].
-static CURRENT: RwLock<Option<Arc<Ctl>>> = RwLock::new(None);
+/// What the current process knows about itself if it is an rfork worker. Set in the keeper
+/// before it forks any worker, so every worker inherits it through fork without writing a
+/// byte: on the monitor design's restart path, each page a fresh child writes is a
+/// copy-on-write fault before its first user code. Read by [`heartbeat`] and
+/// [`request_restart`].
+static CURRENT: RwLock<Option<&'static Ctl>> = RwLock::new(None);
 
 #[derive(Debug)]
 pub(crate) struct Ctl {
@@ -35,17 +38,23 @@ pub(crate) struct Ctl {
 /// Handed to the rforked child: it is generation `generation()` of a supervised worker.
 #[derive(Debug, Clone)]
 pub struct Worker {
-    ctl: Arc<Ctl>,
+    ctl: &'static Ctl,
     generation: u32,
 }
 
 impl Worker {
-    pub(crate) fn install(shared: Arc<SharedAtomics>, design: Design, generation: u32) -> Worker {
-        let ctl = Arc::new(Ctl { shared, design });
-        // The child is single-threaded here; a poisoned lock (a panic in the parent while
-        // holding it) still holds a usable value.
-        let mut cur = CURRENT.write().unwrap_or_else(|p| p.into_inner());
-        *cur = Some(ctl.clone());
+    /// In the keeper, before any fork: the context every worker it forks will inherit. Leaked
+    /// on purpose: it lives as long as the keeper's lineage of processes.
+    pub(crate) fn install_in_keeper(shared: Arc<SharedAtomics>, design: Design) -> &'static Ctl {
+        let ctl: &'static Ctl = Box::leak(Box::new(Ctl { shared, design }));
+        // The keeper is single-threaded; a poisoned lock (a panic in the caller while holding
+        // it) still holds a usable value.
+        *CURRENT.write().unwrap_or_else(|p| p.into_inner()) = Some(ctl);
+        ctl
+    }
+
+    /// In a freshly forked (or released) worker: no writes, see [`CURRENT`].
+    pub(crate) fn for_child(ctl: &'static Ctl, generation: u32) -> Worker {
         Worker { ctl, generation }
     }
 
@@ -65,7 +74,7 @@ impl Worker {
     /// Ends this worker and asks for a restart from the rfork-time state. Runs `exit(3)`
     /// semantics (stdio flushed, atexit handlers run), like the paper's exit-value request.
     pub fn request_restart(&self) -> ! {
-        request_restart_via(&self.ctl, self.generation)
+        request_restart_via(self.ctl, self.generation)
     }
 
     /// Kept-image design: whether the supervisor is ready for a fast restart: a fresh standby
@@ -99,8 +108,8 @@ fn request_restart_via(ctl: &Ctl, generation: u32) -> ! {
     std::process::exit(0)
 }
 
-fn current() -> Option<Arc<Ctl>> {
-    CURRENT.read().unwrap_or_else(|p| p.into_inner()).clone()
+fn current() -> Option<&'static Ctl> {
+    *CURRENT.read().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether the calling process is an rfork worker.
@@ -127,7 +136,7 @@ pub fn request_restart() -> ! {
                 .shared
                 .word(GENERATION)
                 .load(std::sync::atomic::Ordering::Relaxed) as u32;
-            request_restart_via(&c, generation)
+            request_restart_via(c, generation)
         }
         None => std::process::exit(75),
     }

@@ -11,10 +11,7 @@ use crate::process::Pid;
 /// Reads `buf.len()` bytes at `addr` of `pid` with `process_vm_readv`. Short reads (a range
 /// crossing into unmapped memory) are errors.
 pub fn read(pid: Pid, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        // process_vm_readv caps one call at IOV_MAX iovecs and ~2 GiB per call.
-        let chunk = (buf.len() - done).min(1 << 30);
+    in_chunks(buf.len(), |done, chunk| {
         let local = libc::iovec {
             iov_base: buf[done..].as_mut_ptr().cast(),
             iov_len: chunk,
@@ -25,7 +22,18 @@ pub fn read(pid: Pid, addr: u64, buf: &mut [u8]) -> io::Result<()> {
         };
         // SAFETY: local points at `chunk` writable bytes of buf; remote is only an address in
         // the other process, which the kernel checks.
-        let r = unsafe { libc::process_vm_readv(pid.as_raw(), &local, 1, &remote, 1, 0) };
+        unsafe { libc::process_vm_readv(pid.as_raw(), &local, 1, &remote, 1, 0) }
+    })
+}
+
+/// Runs one transfer call per chunk of at most 1 GiB (process_vm_readv/writev move at most
+/// ~2 GiB per call) until `len` bytes are done; `call(done, chunk)` returns the syscall result.
+/// A call that moves nothing means the remote range is not mapped.
+fn in_chunks(len: usize, mut call: impl FnMut(usize, usize) -> isize) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let chunk = (len - done).min(1 << 30);
+        let r = call(done, chunk);
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -91,9 +99,7 @@ pub fn read_ranges(pid: Pid, ranges: &[(u64, usize)], out: &mut Vec<u8>) -> io::
 /// Writes `data` at `addr` of `pid` with `process_vm_writev` (the mapping must be writable;
 /// several times faster than /proc/PID/mem, which bounces every page through a kernel buffer).
 pub fn write(pid: Pid, addr: u64, data: &[u8]) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < data.len() {
-        let chunk = (data.len() - done).min(1 << 30);
+    in_chunks(data.len(), |done, chunk| {
         let local = libc::iovec {
             iov_base: data[done..].as_ptr() as *mut libc::c_void,
             iov_len: chunk,
@@ -104,19 +110,8 @@ pub fn write(pid: Pid, addr: u64, data: &[u8]) -> io::Result<()> {
         };
         // SAFETY: local covers `chunk` readable bytes of data (the kernel only reads it);
         // remote is an address in the other process, checked by the kernel.
-        let r = unsafe { libc::process_vm_writev(pid.as_raw(), &local, 1, &remote, 1, 0) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if r == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "remote range not mapped",
-            ));
-        }
-        done += r as usize;
-    }
-    Ok(())
+        unsafe { libc::process_vm_writev(pid.as_raw(), &local, 1, &remote, 1, 0) }
+    })
 }
 
 /// `/proc/PID/mem`, opened read-write.

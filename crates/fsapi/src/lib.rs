@@ -234,12 +234,107 @@ pub trait Pm {
     fn unlock(&mut self, l: LockId) -> FsResult<()>;
     /// The current time, for timestamps.
     fn now(&self) -> Timespec;
+    /// Fault injection (issue 6): is fault site `id` (one of [`Module::sites`]) armed for this
+    /// request? The host counts an activation each time it answers `true`. For a raw memory
+    /// site ([`SiteKind::is_memory`]) the host corrupts the module's memory itself and answers
+    /// `false`, so the module goes on with corrupted memory as a real bit flip would leave it.
+    /// The default (unit tests, level 5 without a campaign) never fires.
+    fn site(&mut self, _id: u32) -> bool {
+        false
+    }
 }
+
+/// The kinds of software fault a site emulates: the G-SWIFT operators (Durães and Madeira's
+/// field study of the most common real bugs), plus raw memory faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SiteKind {
+    /// MFC: a function call is left out.
+    MissingCall,
+    /// MVIV: a variable is used without its initialization.
+    MissingInit,
+    /// MVAV: an assignment is left out.
+    MissingAssign,
+    /// MIFS: an `if` construct (and its body) is left out.
+    MissingIf,
+    /// MLAC/MLOC: one clause of an AND/OR condition is left out.
+    MissingClause,
+    /// WVAV: a wrong value is assigned.
+    WrongValue,
+    /// WAEP: wrong arithmetic in a call parameter.
+    WrongArith,
+    /// WPFV: the wrong variable is passed as a parameter.
+    WrongVar,
+    /// WLEC: a branch condition is wrong (inverted or off by one).
+    WrongBranch,
+    /// A bit flip somewhere in the module process's heap (done by the host with `sys`).
+    BitFlip,
+    /// A heap pointer in the module process corrupted (done by the host with `sys`).
+    PointerCorruption,
+}
+
+impl SiteKind {
+    /// Every kind, in report order.
+    pub const ALL: [SiteKind; 11] = [
+        SiteKind::MissingCall,
+        SiteKind::MissingInit,
+        SiteKind::MissingAssign,
+        SiteKind::MissingIf,
+        SiteKind::MissingClause,
+        SiteKind::WrongValue,
+        SiteKind::WrongArith,
+        SiteKind::WrongVar,
+        SiteKind::WrongBranch,
+        SiteKind::BitFlip,
+        SiteKind::PointerCorruption,
+    ];
+    /// Short name used in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            SiteKind::MissingCall => "missing-call",
+            SiteKind::MissingInit => "missing-init",
+            SiteKind::MissingAssign => "missing-assign",
+            SiteKind::MissingIf => "missing-if",
+            SiteKind::MissingClause => "missing-and-or",
+            SiteKind::WrongValue => "wrong-value",
+            SiteKind::WrongArith => "wrong-arith-param",
+            SiteKind::WrongVar => "wrong-var-param",
+            SiteKind::WrongBranch => "wrong-branch",
+            SiteKind::BitFlip => "bit-flip",
+            SiteKind::PointerCorruption => "pointer-corruption",
+        }
+    }
+    /// Raw memory faults are carried out by the host, not by a faulty code variant.
+    pub fn is_memory(self) -> bool {
+        matches!(self, SiteKind::BitFlip | SiteKind::PointerCorruption)
+    }
+}
+
+/// One fault site compiled into a module: `pm.site(id)` at that point selects the faulty
+/// variant of the code. The module lists its sites in [`Module::sites`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Site {
+    pub id: u32,
+    pub kind: SiteKind,
+    /// Which upcall it sits in (lookup, write, …) and what the faulty variant does.
+    pub what: &'static str,
+}
+
+/// One inconsistency found by [`Module::fsck`].
+pub type FsckProblem = String;
 
 /// The upcalls a file-system module implements. `pm` is the only way to host data.
 ///
 /// `mkfs` runs once on an empty store; `attach` runs at the start of every module
 /// generation (after a restart too) and must not assume anything about memory it had before.
+///
+/// Requests may run concurrently, each in its own module process (a *context*), over the same
+/// store: a module takes [`Pm::lock`]s for everything it reads or changes. The host keeps
+/// every lock until the request ends (strict two-phase locking, so an undo-log rollback never
+/// overwrites another request's committed change); `unlock` only says the module is done with
+/// it. Locks must therefore be taken in one global order across a whole request.
+///
+/// A module that finds its own structures inconsistent answers [`Errno::EUCLEAN`]: the host
+/// treats that as a failed check (a module fault), never as an ordinary error.
 pub trait Module: Send {
     /// The module's name, as given to `kintsugi mount --module`.
     fn name(&self) -> &'static str;
@@ -341,4 +436,13 @@ pub trait Module: Send {
     fn statfs(&mut self, pm: &mut dyn Pm) -> FsResult<StatFs>;
     fn fsync(&mut self, pm: &mut dyn Pm, ino: Ino, fh: Fh, datasync: bool) -> FsResult<()>;
     fn flush(&mut self, pm: &mut dyn Pm, ino: Ino, fh: Fh) -> FsResult<()>;
+    /// The fault sites compiled into this module (issue 6's injection campaign).
+    fn sites(&self) -> &'static [Site] {
+        &[]
+    }
+    /// Checks the whole on-store structure without changing it and lists every inconsistency
+    /// (empty = clean). Runs with no other request in flight.
+    fn fsck(&mut self, _pm: &mut dyn Pm) -> FsResult<Vec<FsckProblem>> {
+        Ok(Vec::new())
+    }
 }

@@ -3,21 +3,23 @@
 //! - Level 5 ([`Backend::Direct`]): the module is linked into the host and called directly with
 //!   an unlogged protection manager. A panic is caught and answered EIO (safe Rust's only
 //!   containment); a segfault or kill ends the host, and with it the mount.
-//! - Level 4 ([`Backend::Remote`]): the module runs in its own process, supervised by rfork;
-//!   requests go through the shared-memory [`Ring`], host-data changes through the undo log.
-//!   When the module dies or misses its deadline, the host rolls the request back, the
-//!   supervisor restarts the module, and the request is retried once on the new module
-//!   (every request is safe to retry after a complete rollback); a second failure is EIO.
+//! - Level 4 ([`Backend::Remote`]): the module runs in its own processes, one per *context*
+//!   (request slot), each supervised by rfork; requests go through the shared-memory [`Ring`],
+//!   host-data changes through the undo log. What happens when a context faults is the
+//!   [`Recovery`] rung: *contain* (issue 6: a context that wrote no global data is aborted
+//!   alone, everyone else keeps being served), *restart* (issue 4: roll back, restart the
+//!   module, retry once) or *none* (the stock baseline: the first fault ends the file system).
 
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use fsapi::{Errno, Module};
 
-use crate::pm::{Fault, HostPm};
-use crate::ring::Ring;
+use crate::pm::{Fault, HostPm, SiteCtx};
+use crate::ring::{Failure, Ring};
 use crate::store::{Owner, Store};
 use crate::wire::{Op, Reply, Request, execute};
 
@@ -72,6 +74,15 @@ pub struct Stats {
     pub last_recovery_us: AtomicU64,
     pub worker_pid: AtomicI32,
     pub gave_up: AtomicBool,
+    /// Containment (issue 6): faults aborted in their context alone.
+    pub contained: AtomicU64,
+    /// Faults escalated to a module restart (global flag, failed verification, repeats).
+    pub escalations: AtomicU64,
+    pub repeat_escalations: AtomicU64,
+    pub verify_failures: AtomicU64,
+    /// Contexts aborted because they served the faulting client's process group.
+    pub group_aborts: AtomicU64,
+    pub killed_clients: AtomicU64,
 }
 
 impl Stats {
@@ -90,6 +101,12 @@ impl Stats {
             "eio": l(&self.eio),
             "last_recovery_us": l(&self.last_recovery_us),
             "gave_up": self.gave_up.load(Ordering::Relaxed),
+            "contained": l(&self.contained),
+            "escalations": l(&self.escalations),
+            "repeat_escalations": l(&self.repeat_escalations),
+            "verify_failures": l(&self.verify_failures),
+            "group_aborts": l(&self.group_aborts),
+            "killed_clients": l(&self.killed_clients),
         })
     }
 }
@@ -111,15 +128,101 @@ impl std::fmt::Debug for Direct {
     }
 }
 
+/// What the host does when a module context faults at level 4: the rungs of the ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Recovery {
+    /// Process-local containment (issue 6): a fault in a context whose global-write flag is
+    /// clear aborts that context only (its request gets EIO, its locks are released); a set
+    /// flag, a failed verification or repeated local errors on the same data escalate to
+    /// `Restart`.
+    Contain,
+    /// Every fault rolls the request back and restarts the module (all contexts), then the
+    /// request is retried once (issue 4's rung).
+    Restart,
+    /// No recovery: the first fault ends the file system (every request EIO), as a kernel
+    /// panic ends stock xv6. The campaign's baseline.
+    None,
+}
+
+impl Recovery {
+    pub fn parse(s: &str) -> Option<Recovery> {
+        Some(match s {
+            "contain" => Recovery::Contain,
+            "restart" => Recovery::Restart,
+            "none" => Recovery::None,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Recovery::Contain => "contain",
+            Recovery::Restart => "restart",
+            Recovery::None => "none",
+        }
+    }
+}
+
+/// What containment does to the client whose request faulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum OnLocalError {
+    /// Its request gets EIO; the client lives on.
+    Eio,
+    /// The client process (and its process group, when it has its own) is killed, as the paper
+    /// kills the faulting process.
+    KillClient,
+}
+
+/// Level-4 tuning: contexts and the containment policy.
+#[derive(Debug, Clone, Copy)]
+pub struct ContextOpts {
+    /// Module worker processes (concurrent requests), 1..=8.
+    pub contexts: usize,
+    pub recovery: Recovery,
+    pub on_local_error: OnLocalError,
+    /// This many local errors on the same data within `repeat_window` mean a latent global
+    /// error: the last one escalates.
+    pub repeat_limit: usize,
+    pub repeat_window: Duration,
+}
+
+impl Default for ContextOpts {
+    fn default() -> ContextOpts {
+        ContextOpts {
+            contexts: 4,
+            recovery: Recovery::Contain,
+            on_local_error: OnLocalError::Eio,
+            repeat_limit: 3,
+            repeat_window: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How the host ended a context on purpose, so its own caller knows what the death means.
+const ABORT_NONE: u8 = 0;
+/// Killed by a module restart another context escalated: roll back and retry.
+const ABORT_COLLATERAL: u8 = 1;
+/// Killed because it shares the faulting client's process group: roll back, EIO.
+const ABORT_GROUP: u8 = 2;
+
 /// Level 4 state.
 #[derive(Debug)]
 pub struct Remote {
     ring: Arc<Ring>,
-    call: Mutex<()>,
+    /// Free slots (contexts waiting for a request).
+    pool: Mutex<Vec<usize>>,
+    pool_cv: Condvar,
     deadline: Duration,
     on_crash: OnCrash,
-    /// Keeps the supervisor (and thus the module processes) alive; dropping it kills them.
-    _supervisor: std::thread::JoinHandle<()>,
+    opts: ContextOpts,
+    /// Worker pid per context.
+    workers: Arc<Vec<AtomicI32>>,
+    /// Client pid of the request each context runs (0: idle).
+    clients: Vec<AtomicU32>,
+    abort: Vec<AtomicU8>,
+    /// Recent local errors per data key (containment's repeated-error rule).
+    history: Mutex<HashMap<u64, VecDeque<Instant>>>,
+    /// Keep the supervisors (and thus the module processes) alive; dropping them kills them.
+    _supervisors: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// The module, at some level.
@@ -143,25 +246,50 @@ impl Backend {
         )
     }
 
-    /// Level 4: rforks the module supervisor. Must be called while this process has one
-    /// thread (before the FUSE session starts), as fork requires.
+    /// Level 4: rforks one supervised module process per context. Must be called while this
+    /// process has one thread (before the FUSE session starts), as fork requires.
     pub fn remote(
         module: Box<dyn Module>,
         store: Arc<Store>,
         deadline: Duration,
         on_crash: OnCrash,
+        opts: ContextOpts,
         stats: Arc<Stats>,
     ) -> Result<Backend, crate::HostError> {
-        let ring = Arc::new(Ring::create().map_err(crate::HostError::Ring)?);
-        let sup = spawn_module(module, store.clone(), ring.clone())?;
-        let supervisor = supervise(sup, ring.clone(), stats.clone())?;
+        let n = opts.contexts.clamp(1, crate::ring::MAX_SLOTS);
+        let ring = Arc::new(Ring::create(n).map_err(crate::HostError::Ring)?);
+        let workers: Arc<Vec<AtomicI32>> = Arc::new((0..n).map(|_| AtomicI32::new(0)).collect());
+        let module: Arc<Mutex<Box<dyn Module>>> = Arc::new(Mutex::new(module));
+        let mut sups = Vec::new();
+        for i in 0..n {
+            let sup = spawn_context(i, module.clone(), store.clone(), ring.clone(), opts)?;
+            sups.push(supervise(
+                i,
+                sup,
+                ring.clone(),
+                workers.clone(),
+                stats.clone(),
+            )?);
+        }
+        stats
+            .worker_pid
+            .store(workers[0].load(Ordering::Acquire), Ordering::Release);
         Ok(Backend::Remote(
             Remote {
                 ring,
-                call: Mutex::new(()),
+                pool: Mutex::new((0..n).rev().collect()),
+                pool_cv: Condvar::new(),
                 deadline,
                 on_crash,
-                _supervisor: supervisor,
+                opts: ContextOpts {
+                    contexts: n,
+                    ..opts
+                },
+                workers,
+                clients: (0..n).map(|_| AtomicU32::new(0)).collect(),
+                abort: (0..n).map(|_| AtomicU8::new(ABORT_NONE)).collect(),
+                history: Mutex::new(HashMap::new()),
+                _supervisors: sups,
             },
             store,
         ))
@@ -182,13 +310,78 @@ impl Backend {
         }
     }
 
-    /// Delivers a fault to the module between requests (level 4 only).
+    /// Delivers a fault to the module between requests (level 4 only): to context 0.
     pub fn idle_fault(&self, fault: Fault) -> Result<(), String> {
         match self {
             Backend::Direct(..) => Err("level 5 has no isolation: an idle fault would take the whole mount down; mount with --level 4, or arm it for a request with --during".into()),
             Backend::Remote(r, _) => {
-                r.ring.post_idle_fault(fault.code());
+                r.ring.post_idle_fault(0, fault.code());
                 Ok(())
+            }
+        }
+    }
+
+    /// Arms fault site `site` (0: disarm) for client `pid` (0: any) — issue 6's campaign.
+    pub fn arm_site(&self, site: u32, pid: u32, seed: u64) -> Result<(), String> {
+        match self {
+            Backend::Direct(..) => {
+                Err("fault sites fire in module contexts: mount with --level 4".into())
+            }
+            Backend::Remote(r, _) => {
+                r.ring.arm_site(site, pid, seed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Activations of the armed site so far.
+    pub fn site_hits(&self) -> u64 {
+        match self {
+            Backend::Direct(..) => 0,
+            Backend::Remote(r, _) => r.ring.site().3.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Level-4 settings (contexts, recovery rung), for status.
+    pub fn context_opts(&self) -> Option<ContextOpts> {
+        match self {
+            Backend::Direct(..) => None,
+            Backend::Remote(r, _) => Some(r.opts),
+        }
+    }
+
+    /// The module's whole-structure check plus the host's own (store header, lock table), with
+    /// every context quiesced. Returns the problems (empty: clean).
+    pub fn fsck(&self, stats: &Stats) -> Vec<String> {
+        let run = |req| match self.call(req, None, stats) {
+            Reply::Data(d) => String::from_utf8_lossy(&d)
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect(),
+            Reply::Err(e) => vec![format!("the module could not run its check: {e}")],
+            other => vec![format!("unexpected fsck reply {other:?}")],
+        };
+        let req = Request {
+            ctx: fsapi::Ctx::default(),
+            op: Op::Fsck,
+        };
+        match self {
+            Backend::Direct(_, store) => {
+                let mut p = run(req);
+                p.extend(store.verify_header());
+                p
+            }
+            Backend::Remote(r, store) => {
+                // Quiesce: hold every slot but the one fsck runs in.
+                let held: Vec<usize> = (1..r.opts.contexts).map(|_| r.acquire()).collect();
+                let mut p = run(req);
+                p.extend(store.verify_header());
+                p.extend(store.verify_locks(&[]));
+                for s in held {
+                    r.release(s);
+                }
+                p
             }
         }
     }
@@ -260,6 +453,117 @@ fn call_direct(
     }
 }
 
+impl Remote {
+    /// Takes a free context, waiting for one.
+    fn acquire(&self) -> usize {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(i) = pool.pop() {
+                return i;
+            }
+            pool = self.pool_cv.wait(pool).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn release(&self, i: usize) {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(i);
+        self.pool_cv.notify_one();
+    }
+
+    fn kill_context(&self, i: usize) {
+        if let Some(pid) = sys::Pid::from_raw(self.workers[i].load(Ordering::Acquire)) {
+            let _ = sys::process::kill(pid, libc::SIGKILL);
+        }
+    }
+
+    /// Escalation: restart the module, i.e. every context. Requests other contexts are running
+    /// die with them, are rolled back by their callers and retried.
+    fn restart_module(&self, except: usize) {
+        for j in 0..self.opts.contexts {
+            if j != except && self.clients[j].load(Ordering::Acquire) != 0 {
+                self.abort[j].store(ABORT_COLLATERAL, Ordering::Release);
+            }
+            self.kill_context(j);
+        }
+    }
+
+    /// Containment's repeated-error rule: records a local error on `key` and says whether it
+    /// is the `repeat_limit`-th within the window.
+    fn repeated(&self, key: Option<fsapi::Ino>) -> bool {
+        let Some(key) = key else { return false };
+        let now = Instant::now();
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let q = h.entry(key.0).or_default();
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.opts.repeat_window)
+        {
+            q.pop_front();
+        }
+        q.push_back(now);
+        q.len() >= self.opts.repeat_limit.max(1)
+    }
+
+    /// The global data that must stay writable (lock table) and the store header, checked
+    /// after a local error. Other contexts may be mid-update of the free count, hence the
+    /// slack in the header check (done by `verify_header` against the bitmap).
+    fn verify(&self, store: &Store, except: usize) -> Vec<String> {
+        let live: Vec<Owner> = (0..self.opts.contexts)
+            .filter(|&j| j != except && self.clients[j].load(Ordering::Acquire) != 0)
+            .map(|j| Owner(j as u64 + 1))
+            .collect();
+        let mut p = store.verify_locks(&live);
+        if live.is_empty() {
+            p.extend(store.verify_header());
+        }
+        p
+    }
+
+    /// A contained fault: aborts the other contexts running for the same client process group
+    /// (they share the state the faulting context was changing) and applies the client policy.
+    fn contain(&self, slot: usize, client: u32, stats: &Stats) {
+        let Some(cpid) = sys::Pid::from_raw(client as i32) else {
+            return;
+        };
+        let pgid = sys::process::pgid_of(cpid);
+        let own = sys::process::pgid_of(sys::Pid::this());
+        let separate_group = pgid.is_some_and(|g| g.as_raw() > 1 && Some(g) != own);
+        if separate_group {
+            for j in 0..self.opts.contexts {
+                let c = self.clients[j].load(Ordering::Acquire);
+                if j == slot || c == 0 {
+                    continue;
+                }
+                let same = sys::Pid::from_raw(c as i32)
+                    .and_then(sys::process::pgid_of)
+                    .is_some_and(|g| Some(g) == pgid);
+                if same {
+                    self.abort[j].store(ABORT_GROUP, Ordering::Release);
+                    self.kill_context(j);
+                    stats.group_aborts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if self.opts.on_local_error == OnLocalError::KillClient {
+            let r = match pgid {
+                Some(g) if separate_group => sys::process::kill_group(g, libc::SIGKILL),
+                _ => sys::process::kill(cpid, libc::SIGKILL),
+            };
+            if r.is_ok() {
+                stats.killed_clients.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// What went wrong with one attempt of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fail {
+    Ring(Failure),
+    /// The module answered EUCLEAN: its own check found an inconsistency.
+    Check,
+}
+
 fn call_remote(
     r: &Remote,
     store: &Store,
@@ -267,10 +571,25 @@ fn call_remote(
     fault: Option<Fault>,
     stats: &Stats,
 ) -> Reply {
-    let _one_at_a_time = r.call.lock().unwrap_or_else(|p| p.into_inner());
-    let slot = 0;
+    let slot = r.acquire();
+    r.clients[slot].store(req.ctx.pid.max(1), Ordering::Release);
+    let reply = run_in_context(r, store, slot, &req, fault, stats);
+    r.clients[slot].store(0, Ordering::Release);
+    r.abort[slot].store(ABORT_NONE, Ordering::Release);
+    r.release(slot);
+    reply
+}
+
+fn run_in_context(
+    r: &Remote,
+    store: &Store,
+    slot: usize,
+    req: &Request,
+    fault: Option<Fault>,
+    stats: &Stats,
+) -> Reply {
     let owner = Owner(slot as u64 + 1);
-    let bytes = match bincode::serialize(&req) {
+    let bytes = match bincode::serialize(req) {
         Ok(b) => b,
         Err(_) => return Reply::Err(Errno::EINVAL),
     };
@@ -280,74 +599,138 @@ fn call_remote(
     let log = r.ring.undo(slot);
     let mut fault = fault;
     let mut failed_at: Option<Instant> = None;
-    for attempt in 0..2 {
+    let mut retried = false;
+    let mut collateral = 0;
+    loop {
         if stats.gave_up.load(Ordering::Acquire) {
             stats.eio.fetch_add(1, Ordering::Relaxed);
             return Reply::Err(Errno::EIO);
         }
         let code = fault.take().map_or(0, Fault::code);
-        let kill = || {
-            if let Some(pid) = sys::Pid::from_raw(stats.worker_pid.load(Ordering::Acquire)) {
-                let _ = sys::process::kill(pid, libc::SIGKILL);
-            }
-        };
-        match r
-            .ring
-            .roundtrip(slot, &bytes, code, r.deadline, Duration::from_secs(5), kill)
-        {
+        let outcome = r.ring.roundtrip(
+            slot,
+            &bytes,
+            code,
+            r.deadline,
+            Duration::from_secs(5),
+            || r.kill_context(slot),
+        );
+        let fail = match outcome {
             Ok(out) => {
                 let reply = bincode::deserialize::<Reply>(&out).unwrap_or(Reply::Err(Errno::EIO));
-                if matches!(reply, Reply::Err(_)) {
-                    // A refused request leaves no trace either (e.g. ENOSPC half-way).
-                    let n = log.rollback(store, owner);
-                    stats
-                        .rolled_back_entries
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                } else {
-                    log.clear();
-                    let leaked = store.release_all(owner);
-                    if leaked > 0 {
-                        tracing::warn!(leaked, "module returned holding locks; released them");
+                match reply {
+                    Reply::Err(Errno::EUCLEAN) => Fail::Check,
+                    Reply::Err(_) => {
+                        // A refused request leaves no trace either (e.g. ENOSPC half-way).
+                        let n = log.rollback(store, owner);
+                        stats
+                            .rolled_back_entries
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                        return reply;
+                    }
+                    _ => {
+                        log.commit(store, owner);
+                        if let Some(t) = failed_at {
+                            stats
+                                .last_recovery_us
+                                .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        }
+                        return reply;
                     }
                 }
-                if let Some(t) = failed_at {
-                    stats
-                        .last_recovery_us
-                        .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-                }
-                return reply;
             }
-            Err(f) => {
-                failed_at.get_or_insert_with(Instant::now);
-                stats.module_failures.fetch_add(1, Ordering::Relaxed);
-                let n = log.rollback(store, owner);
-                stats
-                    .rolled_back_entries
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                tracing::warn!(
-                    op = req.op.name(),
-                    ?f,
-                    rolled_back = n,
-                    attempt,
-                    "module failed during a request; rolled back"
-                );
-                if r.on_crash == OnCrash::Eio || attempt == 1 {
-                    break;
-                }
-                stats.retries.fetch_add(1, Ordering::Relaxed);
+            Err(f) => Fail::Ring(f),
+        };
+        failed_at.get_or_insert_with(Instant::now);
+        let global = r.ring.global_flag(slot);
+        let illegal = r.ring.illegal_write(slot);
+        let n = log.rollback(store, owner);
+        stats
+            .rolled_back_entries
+            .fetch_add(n as u64, Ordering::Relaxed);
+        match r.abort[slot].swap(ABORT_NONE, Ordering::AcqRel) {
+            ABORT_COLLATERAL if collateral < 3 => {
+                collateral += 1;
+                continue;
             }
+            ABORT_GROUP => {
+                stats.eio.fetch_add(1, Ordering::Relaxed);
+                return Reply::Err(Errno::EIO);
+            }
+            _ => {}
         }
+        stats.module_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            op = req.op.name(),
+            ?fail,
+            slot,
+            global,
+            illegal,
+            rolled_back = n,
+            "module context failed during a request"
+        );
+        if fail == Fail::Check {
+            // The context is alive but its memory is suspect: end it (rfork replaces it).
+            r.kill_context(slot);
+        }
+        let escalate = match r.opts.recovery {
+            Recovery::None => {
+                tracing::error!("recovery none: the file system is dead from now on");
+                stats.gave_up.store(true, Ordering::Release);
+                for j in 0..r.opts.contexts {
+                    r.kill_context(j);
+                }
+                stats.eio.fetch_add(1, Ordering::Relaxed);
+                return Reply::Err(Errno::EIO);
+            }
+            Recovery::Restart => true,
+            Recovery::Contain => {
+                let problems = if global {
+                    Vec::new()
+                } else {
+                    r.verify(store, slot)
+                };
+                if !problems.is_empty() {
+                    stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        ?problems,
+                        "verification after a local error failed; escalating"
+                    );
+                }
+                let repeated = !global && problems.is_empty() && r.repeated(req.op.data_key());
+                if repeated {
+                    stats.repeat_escalations.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("repeated local errors on the same data; escalating");
+                }
+                global || !problems.is_empty() || repeated
+            }
+        };
+        if !escalate {
+            stats.contained.fetch_add(1, Ordering::Relaxed);
+            r.contain(slot, req.ctx.pid, stats);
+            stats.eio.fetch_add(1, Ordering::Relaxed);
+            return Reply::Err(Errno::EIO);
+        }
+        stats.escalations.fetch_add(1, Ordering::Relaxed);
+        r.restart_module(slot);
+        if r.on_crash == OnCrash::Eio || retried {
+            break;
+        }
+        retried = true;
+        stats.retries.fetch_add(1, Ordering::Relaxed);
     }
     stats.eio.fetch_add(1, Ordering::Relaxed);
     Reply::Err(Errno::EIO)
 }
 
-/// Starts the module process under rfork. The one place that knows how module processes are
-/// made: the worker serves the ring until it dies; rfork restarts it from the rfork-time image.
-fn spawn_module(
-    module: Box<dyn Module>,
+/// Starts context `i`'s module process under rfork (kept-image design: a parked standby is
+/// released on death, so replacing an aborted context costs no fork).
+fn spawn_context(
+    i: usize,
+    module: Arc<Mutex<Box<dyn Module>>>,
     store: Arc<Store>,
     ring: Arc<Ring>,
+    opts: ContextOpts,
 ) -> Result<rfork::Supervised, crate::HostError> {
     let cfg = rfork::Config {
         design: rfork::Design::KeptImage,
@@ -363,34 +746,74 @@ fn spawn_module(
         notify_signal: None,
         stop_timeout: Duration::from_millis(200),
     };
-    let mut module = Some(module);
     rfork::spawn(&cfg, move |_worker| {
-        let _ = sys::process::set_name("kintsugi-fsmod");
+        let _ = sys::process::set_name(&format!("kintsugi-fsctx{i}"));
         let _ = sys::process::set_parent_death_signal(libc::SIGKILL);
         // The host blocks its stop signals; the module must die of them like any process.
         let _ = sys::signal::unblock_all();
-        let mut module = module
-            .take()
-            .expect("the worker closure runs once per process");
-        worker_main(&mut *module, &store, &ring)
+        // This process is a copy of the host: the module value is ours alone now.
+        let mut module = module.lock().unwrap_or_else(|p| p.into_inner());
+        let ring: &'static Ring = Box::leak(Box::new(ring.clone()));
+        if opts.recovery == Recovery::Contain
+            && let Err(e) = install_trap(i, &store, ring)
+        {
+            tracing::error!("context {i}: cannot write-protect global data: {e}");
+            return 70;
+        }
+        context_main(
+            i,
+            &mut **module,
+            &store,
+            ring,
+            opts.recovery == Recovery::Contain,
+        )
     })
     .map_err(crate::HostError::Supervisor)
 }
 
-/// The module process: serve requests from the ring forever.
-fn worker_main(module: &mut dyn Module, store: &Store, ring: &Ring) -> i32 {
+/// Maps the store's global data read-only for this context (first writes set its flag) and
+/// every other context's local data read-only (writes to it are illegal).
+fn install_trap(i: usize, store: &Store, ring: &'static Ring) -> std::io::Result<()> {
+    let base = store.region().addr();
+    let ranges = store.protected_ranges();
+    let globals: Vec<sys::wtrap::Range> = ranges
+        .globals
+        .iter()
+        .map(|&(o, l)| sys::wtrap::Range {
+            start: base + o,
+            len: l,
+        })
+        .collect();
+    let foreign: Vec<sys::wtrap::Range> = ring
+        .foreign_ranges(i)
+        .into_iter()
+        .map(|(start, len)| sys::wtrap::Range { start, len })
+        .collect();
+    let (flag, illegal) = ring.trap_words(i);
+    sys::wtrap::install(&globals, &foreign, flag, illegal)
+}
+
+/// A module context: serve slot `i` forever.
+fn context_main(i: usize, module: &mut dyn Module, store: &Store, ring: &Ring, trap: bool) -> i32 {
     let mut attached = false;
+    let sites = module.sites();
     ring.serve(
-        |slot, fault, bytes| {
+        i,
+        |fault, bytes| {
             let reply = match bincode::deserialize::<Request>(bytes) {
                 Err(_) => Reply::Err(Errno::EIO),
                 Ok(req) => {
                     let mut pm = HostPm::new(
                         store,
-                        Some(ring.undo(slot)),
-                        Owner(slot as u64 + 1),
+                        Some(ring.undo(i)),
+                        Owner(i as u64 + 1),
                         Fault::from_code(fault),
-                    );
+                    )
+                    .with_sites(SiteCtx {
+                        ring,
+                        sites,
+                        client_pid: req.ctx.pid,
+                    });
                     let mkfs = req.op == Op::Mkfs;
                     if !attached && !mkfs {
                         attached = module.attach(&mut pm).is_ok();
@@ -414,21 +837,30 @@ fn worker_main(module: &mut dyn Module, store: &Store, ring: &Ring) -> i32 {
                 f.fire();
             }
         },
+        || {
+            if trap && let Err(e) = sys::wtrap::reprotect() {
+                // Without re-protection the next request's flag would lie: stop this context.
+                tracing::error!("cannot re-protect global data: {e}");
+                sys::process::exit_now(71);
+            }
+        },
     )
 }
 
-/// Follows the supervisor's events: records the module pid, marks requests of a dead module,
-/// and stops serving (EIO) if restarts come too fast.
+/// Follows context `i`'s supervisor events: records its pid, marks the request of a dead
+/// context, and stops serving (EIO) if restarts come too fast.
 fn supervise(
+    i: usize,
     mut sup: rfork::Supervised,
     ring: Arc<Ring>,
+    workers: Arc<Vec<AtomicI32>>,
     stats: Arc<Stats>,
 ) -> Result<std::thread::JoinHandle<()>, crate::HostError> {
     // Wait for the first worker so requests have somewhere to go and hang kills a real pid.
     loop {
         match sup.next_event(Some(Duration::from_secs(5))) {
             Ok(Some(ev)) if ev.kind == rfork::EventKind::Started => {
-                stats.worker_pid.store(ev.pid.as_raw(), Ordering::Release);
+                workers[i].store(ev.pid.as_raw(), Ordering::Release);
                 break;
             }
             Ok(Some(_)) => continue,
@@ -441,21 +873,24 @@ fn supervise(
         }
     }
     std::thread::Builder::new()
-        .name("fs-supervisor".into())
+        .name(format!("fs-ctx{i}-sup"))
         .spawn(move || {
             loop {
                 match sup.next_event(None) {
                     Ok(Some(ev)) => match ev.kind {
                         rfork::EventKind::Restarted => {
                             // The event names the successor; the one that died is the previous.
-                            let dead = stats.worker_pid.swap(ev.pid.as_raw(), Ordering::AcqRel);
+                            let dead = workers[i].swap(ev.pid.as_raw(), Ordering::AcqRel);
+                            if i == 0 {
+                                stats.worker_pid.store(ev.pid.as_raw(), Ordering::Release);
+                            }
                             stats.restarts.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(reason = %ev.reason, dead, new_pid = ev.pid.as_raw(), "module process restarted");
+                            tracing::warn!(context = i, reason = %ev.reason, dead, new_pid = ev.pid.as_raw(), "module context restarted");
                             ring.mark_dead(u32::try_from(dead).ok(), false);
                         }
-                        rfork::EventKind::Started => stats.worker_pid.store(ev.pid.as_raw(), Ordering::Release),
+                        rfork::EventKind::Started => workers[i].store(ev.pid.as_raw(), Ordering::Release),
                         rfork::EventKind::GaveUp | rfork::EventKind::Removed => {
-                            tracing::error!(reason = %ev.reason, "module supervisor gave up; answering EIO from now on");
+                            tracing::error!(context = i, reason = %ev.reason, "module supervisor gave up; answering EIO from now on");
                             stats.gave_up.store(true, Ordering::Release);
                             ring.mark_dead(None, true);
                             break;

@@ -35,6 +35,11 @@ const TTL: Duration = Duration::from_secs(1);
 pub const MAX_WRITE: u32 = 128 << 10;
 /// Name of the fault-injection xattr.
 pub const XATTR_FAULT: &str = "user.kintsugi.fault";
+/// Name of the fault-site xattr (issue 6's campaign): `ID[:PID[:SEED]]`, `0` disarms.
+pub const XATTR_SITE: &str = "user.kintsugi.site";
+/// Name of the fsck xattr: setting it runs the module's and the host's checks with every
+/// context quiesced; the result appears in the status file (`fsck`).
+pub const XATTR_FSCK: &str = "user.kintsugi.fsck";
 /// Name of the hidden status file in the mount's root.
 pub const STATUS_FILE: &str = ".kintsugi-status";
 /// Its node number (never a module's: those are small).
@@ -68,6 +73,8 @@ pub struct HostFs {
     inflight: Option<Arc<sys::shm::SharedAtomics>>,
     /// The rfork generation this host last served in (level 5 under supervision).
     generation_seen: std::sync::atomic::AtomicU32,
+    /// The last fsck's problems (`None`: never run).
+    last_fsck: Mutex<Option<Vec<String>>>,
 }
 
 fn ts_to_system(t: Timespec) -> SystemTime {
@@ -161,6 +168,7 @@ impl HostFs {
             root_attr: Mutex::new(None),
             inflight: None,
             generation_seen: std::sync::atomic::AtomicU32::new(0),
+            last_fsck: Mutex::new(None),
         }
     }
 
@@ -297,6 +305,31 @@ impl HostFs {
         Ok(())
     }
 
+    fn arm_site(&self, value: &[u8]) -> Result<(), Errno> {
+        let v = std::str::from_utf8(value)
+            .map_err(|_| Errno::EINVAL)?
+            .trim();
+        let mut it = v.split(':');
+        let site: u32 = it
+            .next()
+            .and_then(|x| x.parse().ok())
+            .ok_or(Errno::EINVAL)?;
+        let pid: u32 = it
+            .next()
+            .map_or(Ok(0), |x| x.parse())
+            .map_err(|_| Errno::EINVAL)?;
+        let seed: u64 = it
+            .next()
+            .map_or(Ok(0), |x| x.parse())
+            .map_err(|_| Errno::EINVAL)?;
+        self.backend.arm_site(site, pid, seed).map_err(|m| {
+            tracing::warn!("{m}");
+            Errno::EOPNOTSUPP
+        })?;
+        tracing::info!(site, pid, seed, "fault site armed");
+        Ok(())
+    }
+
     fn status_attr(&self) -> FileAttr {
         let now = SystemTime::now();
         FileAttr {
@@ -333,6 +366,14 @@ impl HostFs {
             j["module_failures"] = (panics + restarts).into();
         }
         j["store_free_blocks"] = self.backend.store().free_blocks().into();
+        if let Some(c) = self.backend.context_opts() {
+            j["contexts"] = c.contexts.into();
+            j["recovery"] = c.recovery.name().into();
+        }
+        j["site_hits"] = self.backend.site_hits().into();
+        if let Some(p) = &*self.last_fsck.lock().unwrap_or_else(|p| p.into_inner()) {
+            j["fsck"] = serde_json::json!({ "clean": p.is_empty(), "problems": p });
+        }
         j["open_files"] = self
             .files
             .lock()
@@ -775,7 +816,19 @@ impl Filesystem for HostFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        if ino.0 == Ino::ROOT.0 && name == XATTR_FAULT {
+        if ino.0 == Ino::ROOT.0 && name == XATTR_SITE {
+            match self.arm_site(value) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(err(e)),
+            }
+        } else if ino.0 == Ino::ROOT.0 && name == XATTR_FSCK {
+            let problems = self.backend.fsck(&self.stats);
+            if !problems.is_empty() {
+                tracing::error!(?problems, "fsck found problems");
+            }
+            *self.last_fsck.lock().unwrap_or_else(|p| p.into_inner()) = Some(problems);
+            reply.ok();
+        } else if ino.0 == Ino::ROOT.0 && name == XATTR_FAULT {
             match self.control(value) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(err(e)),

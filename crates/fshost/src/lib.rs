@@ -26,7 +26,7 @@ pub mod ring;
 pub mod store;
 pub mod wire;
 
-pub use backend::{Level, OnCrash};
+pub use backend::{ContextOpts, Level, OnCrash, OnLocalError, Recovery};
 pub use mount::{ModuleFactory, MountOpts};
 
 /// What can go wrong mounting or controlling a file system.

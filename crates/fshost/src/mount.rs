@@ -17,7 +17,7 @@ use sys::process::Fork;
 
 use crate::HostError;
 use crate::backend::{Backend, Level, OnCrash, Stats};
-use crate::fuse::{HostFs, STATUS_FILE, XATTR_FAULT};
+use crate::fuse::{HostFs, STATUS_FILE, XATTR_FAULT, XATTR_FSCK, XATTR_SITE};
 use crate::pm::Fault;
 use crate::store::Store;
 use crate::wire::OpClass;
@@ -40,6 +40,8 @@ pub struct MountOpts {
     /// Per-request deadline at level 4.
     pub deadline: Duration,
     pub on_crash: OnCrash,
+    /// Level 4: contexts and the recovery rung (containment by default).
+    pub contexts: crate::backend::ContextOpts,
     /// Daemon log file (default: none).
     pub log: Option<PathBuf>,
 }
@@ -207,7 +209,8 @@ fn serve(
     r
 }
 
-fn fuse_config(fsname: &str) -> fuser::Config {
+/// `threads` FUSE reader threads: one per level-4 context, so that many requests run at once.
+fn fuse_config(fsname: &str, threads: usize) -> fuser::Config {
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(fsname.to_string()),
@@ -220,7 +223,8 @@ fn fuse_config(fsname: &str) -> fuser::Config {
     } else {
         fuser::SessionACL::Owner
     };
-    cfg.n_threads = Some(1);
+    cfg.n_threads = Some(threads.max(1));
+    cfg.clone_fd = threads > 1;
     cfg
 }
 
@@ -233,7 +237,7 @@ fn serve_inner(
     // Before any thread exists (the module supervisor's included), so every thread inherits it.
     let set = block_stop_signals()?;
     let Some(module) = module else {
-        let session = fuser::Session::new(crate::plain::PlainFs::new(), mp, &fuse_config(PLAIN))
+        let session = fuser::Session::new(crate::plain::PlainFs::new(), mp, &fuse_config(PLAIN, 1))
             .map_err(|e| HostError::Mount(path_str(mp), e))?;
         unmount_on_signals(mp, set);
         tell(ready, "ok\n");
@@ -245,7 +249,14 @@ fn serve_inner(
     // Level 4 forks the module supervisor here, while this process still has one thread.
     let backend = match opts.level {
         Level::L5 => Backend::direct(module, store),
-        Level::L4 => Backend::remote(module, store, opts.deadline, opts.on_crash, stats.clone())?,
+        Level::L4 => Backend::remote(
+            module,
+            store,
+            opts.deadline,
+            opts.on_crash,
+            opts.contexts,
+            stats.clone(),
+        )?,
     };
     let mut fs = HostFs::new(backend, name.clone(), stats);
     fs.mkfs().map_err(HostError::Mkfs)?;
@@ -261,8 +272,12 @@ fn serve_inner(
         }
         Level::L4 => None,
     };
+    let threads = match opts.level {
+        Level::L4 => opts.contexts.contexts.clamp(1, crate::ring::MAX_SLOTS),
+        Level::L5 => 1,
+    };
     unmount_on_signals(mp, set);
-    let session = fuser::Session::new(fs, mp, &fuse_config(&name))
+    let session = fuser::Session::new(fs, mp, &fuse_config(&name, threads))
         .map_err(|e| HostError::Mount(path_str(mp), e))?;
     tracing::info!(mountpoint = %mp.display(), module = %name, level = opts.level.number(), "serving");
     tell(ready, "ok\n");
@@ -336,6 +351,54 @@ pub fn inject(mountpoint: &Path, fault: Fault, class: Option<OpClass>) -> Result
                 .into(),
         ),
         e => HostError::Io { what: "setting the fault attribute", path: path_str(mountpoint), source: e.into() },
+    })
+}
+
+/// Runs the module's whole-structure check and the host's own (store header, lock table) on a
+/// live mount, with every context quiesced. Returns the problems found (empty: clean).
+pub fn fsck(mountpoint: &Path) -> Result<Vec<String>, HostError> {
+    status(mountpoint)?;
+    rustix::fs::setxattr(
+        mountpoint,
+        XATTR_FSCK,
+        b"run",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(|e| HostError::Io {
+        what: "running fsck (setting the fsck attribute)",
+        path: path_str(mountpoint),
+        source: e.into(),
+    })?;
+    let s = status(mountpoint)?;
+    let problems = s["fsck"]["problems"]
+        .as_array()
+        .ok_or_else(|| HostError::NotOurs(path_str(mountpoint), XATTR_FSCK))?;
+    Ok(problems
+        .iter()
+        .map(|p| p.as_str().unwrap_or_default().to_string())
+        .collect())
+}
+
+/// Arms fault site `site` (0: disarm) for requests of client `pid` (0: any client) on a live
+/// level-4 mount; `seed` drives raw memory faults.
+pub fn arm_site(mountpoint: &Path, site: u32, pid: u32, seed: u64) -> Result<(), HostError> {
+    let v = format!("{site}:{pid}:{seed}");
+    rustix::fs::setxattr(
+        mountpoint,
+        XATTR_SITE,
+        v.as_bytes(),
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::OPNOTSUPP => HostError::Refused(
+            path_str(mountpoint),
+            "fault sites fire in module contexts; mount with --level 4".into(),
+        ),
+        e => HostError::Io {
+            what: "setting the fault-site attribute",
+            path: path_str(mountpoint),
+            source: e.into(),
+        },
     })
 }
 

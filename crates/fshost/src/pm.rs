@@ -83,6 +83,8 @@ const K_BLOCK: u32 = 1;
 const K_BIT: u32 = 2;
 const K_REF: u32 = 3;
 const K_LOCK: u32 = 4;
+/// A block freed by the request: freed for real only when it commits.
+const K_FREE: u32 = 5;
 const ENTRY_HDR: usize = 24;
 const LOG_HDR: usize = 64;
 
@@ -113,9 +115,55 @@ impl<'a> UndoLog<'a> {
         self.len() == 0
     }
 
-    /// Forgets every entry: the request committed.
+    /// Forgets every entry (after a rollback, or a log that holds no deferred work).
     pub fn clear(&self) {
         self.used().store(0, Ordering::Release);
+    }
+
+    /// The request committed: carries out its deferred frees, forgets the log, releases the
+    /// owner's locks. Returns the locks released.
+    pub fn commit(&self, store: &Store, owner: Owner) -> usize {
+        self.walk(|kind, a, _b, _at, _len| {
+            if kind == K_FREE {
+                store.set_allocated(a, false);
+            }
+            true
+        });
+        self.clear();
+        store.release_all(owner)
+    }
+
+    /// Visits entries newest first with `(kind, a, b, data offset, data len)` until `f` says
+    /// stop or an entry does not decode. Returns the number visited.
+    fn walk(&self, mut f: impl FnMut(u32, u64, u64, usize, usize) -> bool) -> usize {
+        let mut end = self.len().min(self.cap - LOG_HDR);
+        let mut n = 0;
+        while end >= 8 + ENTRY_HDR {
+            let mut w = [0u8; 8];
+            self.region.read(self.base + LOG_HDR + end - 8, &mut w);
+            let size = u64::from_le_bytes(w) as usize;
+            if size < ENTRY_HDR || size + 8 > end {
+                tracing::warn!(
+                    end,
+                    size,
+                    "undo log entry does not decode; stopping the walk here"
+                );
+                break;
+            }
+            let at = self.base + LOG_HDR + end - 8 - size;
+            let mut hdr = [0u8; ENTRY_HDR];
+            self.region.read(at, &mut hdr);
+            let kind = u32::from_le_bytes(hdr[0..4].try_into().expect("4"));
+            let len = u32::from_le_bytes(hdr[4..8].try_into().expect("4")) as usize;
+            let a = u64::from_le_bytes(hdr[8..16].try_into().expect("8"));
+            let b = u64::from_le_bytes(hdr[16..24].try_into().expect("8"));
+            if ENTRY_HDR + len > size || !f(kind, a, b, at + ENTRY_HDR, len) {
+                break;
+            }
+            n += 1;
+            end -= size + 8;
+        }
+        n
     }
 
     /// Appends an entry and publishes it. Must happen before the change it undoes.
@@ -144,31 +192,11 @@ impl<'a> UndoLog<'a> {
     /// Returns the number of entries undone. Entries that do not decode (a module that
     /// scribbled on its log) stop the walk: what precedes them is still undone in order.
     pub fn rollback(&self, store: &Store, owner: Owner) -> usize {
-        let mut end = self.len().min(self.cap - LOG_HDR);
-        let mut n = 0;
-        while end >= 8 + ENTRY_HDR {
-            let mut w = [0u8; 8];
-            self.region.read(self.base + LOG_HDR + end - 8, &mut w);
-            let size = u64::from_le_bytes(w) as usize;
-            if size < ENTRY_HDR || size + 8 > end {
-                tracing::warn!(
-                    end,
-                    size,
-                    "undo log entry does not decode; stopping rollback here"
-                );
-                break;
-            }
-            let at = self.base + LOG_HDR + end - 8 - size;
-            let mut hdr = [0u8; ENTRY_HDR];
-            self.region.read(at, &mut hdr);
-            let kind = u32::from_le_bytes(hdr[0..4].try_into().expect("4"));
-            let len = u32::from_le_bytes(hdr[4..8].try_into().expect("4")) as usize;
-            let a = u64::from_le_bytes(hdr[8..16].try_into().expect("8"));
-            let b = u64::from_le_bytes(hdr[16..24].try_into().expect("8"));
+        let n = self.walk(|kind, a, b, at, len| {
             match kind {
-                K_BLOCK if len <= BLOCK_SIZE && ENTRY_HDR + len <= size => {
+                K_BLOCK if len <= BLOCK_SIZE => {
                     let mut old = vec![0u8; len];
-                    self.region.read(at + ENTRY_HDR, &mut old);
+                    self.region.read(at, &mut old);
                     store.write(a, b as usize, &old);
                 }
                 K_BIT => {
@@ -177,15 +205,14 @@ impl<'a> UndoLog<'a> {
                 K_REF => {
                     store.add_refs(a, -(b as i64 as i32));
                 }
-                K_LOCK => {} // released wholesale below
+                K_LOCK | K_FREE => {} // locks released wholesale below; frees never happened
                 _ => {
                     tracing::warn!(kind, "unknown undo log entry kind; stopping rollback here");
-                    break;
+                    return false;
                 }
             }
-            n += 1;
-            end -= size + 8;
-        }
+            true
+        });
         store.release_all(owner);
         self.clear();
         n
@@ -205,6 +232,17 @@ pub struct HostPm<'a> {
     freed: HashSet<u64>,
     fault: Option<Fault>,
     mutated: bool,
+    sites: Option<SiteCtx<'a>>,
+}
+
+/// What the protection manager needs to answer [`Pm::site`]: the armed site lives in the
+/// ring header (the host arms it; every context sees it), the kinds in the module's table.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteCtx<'a> {
+    pub ring: &'a crate::ring::Ring,
+    pub sites: &'static [fsapi::Site],
+    /// The client process the request runs for (the campaign fires a site for one client).
+    pub client_pid: u32,
 }
 
 impl<'a> HostPm<'a> {
@@ -223,7 +261,14 @@ impl<'a> HostPm<'a> {
             freed: HashSet::new(),
             fault,
             mutated: false,
+            sites: None,
         }
+    }
+
+    /// Lets fault sites fire (issue 6's campaign).
+    pub fn with_sites(mut self, sites: SiteCtx<'a>) -> HostPm<'a> {
+        self.sites = Some(sites);
+        self
     }
 
     /// Fires an armed fault once the request has changed host data, so rollback has real work.
@@ -284,20 +329,20 @@ impl Pm for HostPm<'_> {
     }
     fn get_next_blk(&mut self) -> FsResult<BlockNo> {
         self.checkpoint();
-        // Log first ("was free"), then take the block: a death in between frees a block that
-        // is still free, which is harmless. (One module worker allocates at a time; concurrent
-        // requests will need the choice and the take to be one step.)
-        let b = self.store.find_free().ok_or(Errno::ENOSPC)?;
-        self.log(K_BIT, b, 0, &[])?;
+        // Take first (one atomic step, so a concurrent context cannot get the same block),
+        // log second. A death in between leaks one allocated, unreferenced block, which fsck
+        // reports; the other order could free a block another context had taken meanwhile.
+        let b = self.store.take_free().ok_or(Errno::ENOSPC)?;
+        if let Err(e) = self.log(K_BIT, b, 0, &[]) {
+            self.store.set_allocated(b, false);
+            return Err(e);
+        }
         if self.freed.contains(&b) {
             // Freed earlier in this same request: its old content is live again if we roll
             // back, so save it before zero-filling.
             let mut old = vec![0u8; BLOCK_SIZE];
             self.store.read(b, 0, &mut old);
             self.log(K_BLOCK, b, 0, &old)?;
-        }
-        if self.store.set_allocated(b, true) {
-            return Err(Errno::EIO);
         }
         self.store.zero(b);
         self.fresh.insert(b);
@@ -309,11 +354,18 @@ impl Pm for HostPm<'_> {
         if !self.store.is_allocated(b.0) {
             return Err(Errno::EIO);
         }
-        self.log(K_BIT, b.0, 1, &[])?;
-        self.store.set_allocated(b.0, false);
-        if !self.fresh.remove(&b.0) {
-            self.freed.insert(b.0);
+        if self.log.is_some() {
+            // Deferred to commit: a block freed now could be taken by a concurrent context
+            // and then resurrected by our rollback. Freed twice in one request is the same
+            // double free it would be if it were immediate.
+            if !self.freed.insert(b.0) {
+                return Err(Errno::EIO);
+            }
+            self.log(K_FREE, b.0, 0, &[])?;
+        } else {
+            self.store.set_allocated(b.0, false);
         }
+        self.fresh.remove(&b.0);
         self.mutated = true;
         Ok(())
     }
@@ -362,10 +414,37 @@ impl Pm for HostPm<'_> {
         }
     }
     fn unlock(&mut self, l: LockId) -> FsResult<()> {
-        if self.store.unlock(Store::lock_slot(l.0), self.owner) {
+        // Strict two-phase locking: the lock stays held until the request ends (the host
+        // releases everything then), so rolling this request back can never overwrite a change
+        // another request made under the same lock after an early release.
+        if self.store.lock_holder(Store::lock_slot(l.0)) == Some(self.owner) {
             Ok(())
         } else {
             Err(Errno::EINVAL)
+        }
+    }
+    fn site(&mut self, id: u32) -> bool {
+        let Some(sc) = self.sites else {
+            return false;
+        };
+        let (armed, pid, seed, hits) = sc.ring.site();
+        if armed == 0 || armed != id || (pid != 0 && pid != sc.client_pid) {
+            return false;
+        }
+        let n = hits.fetch_add(1, Ordering::SeqCst);
+        match sc.sites.iter().find(|s| s.id == id).map(|s| s.kind) {
+            Some(fsapi::SiteKind::BitFlip) => {
+                let at = sys::fault::flip_heap_bit(seed.wrapping_add(n.wrapping_mul(0x9e37)));
+                tracing::debug!(id, ?at, "fault site: heap bit flipped");
+                false
+            }
+            Some(fsapi::SiteKind::PointerCorruption) => {
+                let at = sys::fault::corrupt_heap_pointer(seed.wrapping_add(n));
+                tracing::debug!(id, ?at, "fault site: heap pointer corrupted");
+                false
+            }
+            Some(_) => true,
+            None => false,
         }
     }
     fn now(&self) -> Timespec {

@@ -1,10 +1,12 @@
 //! The shared-memory request ring between the host and a level-4 module process.
 //!
-//! One memfd region, mapped by the host before it rforks the module supervisor, so every
-//! module generation shares it:
+//! One memfd region, mapped by the host before it rforks the module contexts, so every
+//! generation shares it. Context `i` (a module worker process) serves only slot `i`; its slot
+//! header, buffer and undo log are contiguous, which makes them one protectable range (its
+//! *local* data) and every other slot *foreign* to it:
 //!
 //! ```text
-//! [header: doorbell, idle fault][slot 0][slot 1]…[undo log 0][undo log 1]…
+//! [header: fault-site words][slot 0 header|buffer|undo log 0][slot 1 …]…
 //! ```
 //!
 //! A slot moves FREE → REQUEST (host) → RUNNING (module claims it) → REPLY (module) → FREE
@@ -14,27 +16,28 @@
 //! within microseconds; each round yields the CPU) and then a shared futex, so an idle module
 //! costs no CPU.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sys::fs_ring::{SharedRegion, futex_wait, futex_wake};
 
 use crate::pm::UndoLog;
 
-/// Request slots. The host serves FUSE with one thread today, so one is busy at a time; the
-/// rest are room for concurrent requests (deadlock detection, issue 5).
-pub const SLOTS: usize = 2;
+/// Most contexts (module worker processes, one request slot each) a ring can have.
+pub const MAX_SLOTS: usize = 8;
 /// Payload bytes per slot: a 1 MiB read or write plus its header.
 pub const SLOT_BUF: usize = (1 << 20) + (64 << 10);
-const SLOT_HDR: usize = 64;
+const SLOT_HDR: usize = 4096;
 const SLOT_SIZE: usize = SLOT_HDR + SLOT_BUF;
 /// Undo log bytes per slot (sparse: only what a request logs is ever touched).
 pub const UNDO_CAP: usize = 16 << 20;
 const HDR: usize = 4096;
-const H_DOORBELL: usize = 0;
-const H_IDLE_FAULT: usize = 4;
-/// 1 while the module sleeps on the doorbell: the host skips the wake syscall otherwise.
-const H_MODULE_SLEEPS: usize = 8;
+/// Fault-injection campaign words: the armed site, the client pid it fires for (0 = any),
+/// activations, and a seed for raw memory faults.
+const H_SITE: usize = 0;
+const H_SITE_PID: usize = 4;
+const H_SITE_HITS: usize = 8;
+const H_SITE_SEED: usize = 16;
 
 /// Slot states.
 pub const FREE: u32 = 0;
@@ -50,6 +53,14 @@ const S_LEN: usize = 8;
 const S_PID: usize = 12;
 /// 1 while the host sleeps on the slot's state word.
 const S_HOST_SLEEPS: usize = 16;
+/// 1 while the slot's worker sleeps on it.
+const S_WORKER_SLEEPS: usize = 20;
+/// The context's global-write flag (set by its fault handler, cleared by the host per request).
+const S_GFLAG: usize = 24;
+/// Set when the context wrote another context's local data (it is the culprit).
+const S_ILLEGAL: usize = 28;
+/// A fault to run while idle.
+const S_IDLE_FAULT: usize = 32;
 
 /// How long to poll before sleeping on the futex. Polling yields the CPU each round: on this
 /// 2-core machine the client, the host and the module all want a core per request, and a
@@ -60,6 +71,7 @@ const SPIN: Duration = Duration::from_micros(40);
 #[derive(Debug)]
 pub struct Ring {
     region: SharedRegion,
+    slots: usize,
 }
 
 /// Why a round trip produced no reply.
@@ -72,51 +84,98 @@ pub enum Failure {
 }
 
 impl Ring {
-    pub fn create() -> std::io::Result<Ring> {
-        let size = HDR + SLOTS * SLOT_SIZE.next_multiple_of(4096) + SLOTS * UNDO_CAP;
+    /// A ring for `slots` contexts (1..=[`MAX_SLOTS`]).
+    pub fn create(slots: usize) -> std::io::Result<Ring> {
+        let slots = slots.clamp(1, MAX_SLOTS);
+        let size = HDR + slots * (SLOT_SIZE.next_multiple_of(4096) + UNDO_CAP);
         Ok(Ring {
             region: SharedRegion::create("kintsugi-ring", size)?,
+            slots,
         })
     }
 
+    /// Number of slots (= contexts).
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Slot `i`'s own memory: its header, buffer and undo log, contiguous. This is context
+    /// `i`'s local data (offset, length in the region).
+    fn local(i: usize) -> (usize, usize) {
+        let len = SLOT_SIZE.next_multiple_of(4096) + UNDO_CAP;
+        (HDR + i * len, len)
+    }
+
     fn slot_off(i: usize) -> usize {
-        HDR + i * SLOT_SIZE.next_multiple_of(4096)
+        Self::local(i).0
     }
 
     pub fn state(&self, i: usize) -> &AtomicU32 {
         self.region.atomic_u32(Self::slot_off(i) + S_STATE)
     }
 
-    fn doorbell(&self) -> &AtomicU32 {
-        self.region.atomic_u32(H_DOORBELL)
+    fn word(&self, i: usize, w: usize) -> &AtomicU32 {
+        self.region.atomic_u32(Self::slot_off(i) + w)
     }
 
     /// Slot `i`'s undo log.
     pub fn undo(&self, i: usize) -> UndoLog<'_> {
-        let base = HDR + SLOTS * SLOT_SIZE.next_multiple_of(4096) + i * UNDO_CAP;
+        let base = Self::slot_off(i) + SLOT_SIZE.next_multiple_of(4096);
         UndoLog::new(&self.region, base, UNDO_CAP)
     }
 
-    fn ring_doorbell(&self) {
-        // SeqCst pairs with the sleeper's flag-then-wait (Dekker): either we see the flag and
-        // wake it, or its futex_wait sees the new doorbell value and does not sleep.
-        self.doorbell().fetch_add(1, Ordering::SeqCst);
-        if self
-            .region
-            .atomic_u32(H_MODULE_SLEEPS)
-            .load(Ordering::SeqCst)
-            != 0
-        {
-            let _ = futex_wake(self.doorbell(), 1);
+    /// Context `i`'s global-write flag: set if its current (or last) request wrote global data.
+    pub fn global_flag(&self, i: usize) -> bool {
+        self.word(i, S_GFLAG).load(Ordering::SeqCst) != 0
+    }
+
+    /// Whether context `i` wrote another context's local data.
+    pub fn illegal_write(&self, i: usize) -> bool {
+        self.word(i, S_ILLEGAL).load(Ordering::SeqCst) != 0
+    }
+
+    /// The pid that claimed slot `i` last.
+    pub fn claimer(&self, i: usize) -> u32 {
+        self.word(i, S_PID).load(Ordering::SeqCst)
+    }
+
+    /// Arms fault site `site` (0 disarms) for requests of client `pid` (0: any client).
+    pub fn arm_site(&self, site: u32, pid: u32, seed: u64) {
+        self.region.atomic_u32(H_SITE).store(0, Ordering::SeqCst);
+        self.region
+            .atomic_u32(H_SITE_PID)
+            .store(pid, Ordering::SeqCst);
+        self.region
+            .atomic_u64(H_SITE_SEED)
+            .store(seed, Ordering::SeqCst);
+        self.region
+            .atomic_u64(H_SITE_HITS)
+            .store(0, Ordering::SeqCst);
+        self.region.atomic_u32(H_SITE).store(site, Ordering::SeqCst);
+    }
+
+    /// The armed site, its client filter and seed, and the activations so far.
+    pub fn site(&self) -> (u32, u32, u64, &AtomicU64) {
+        (
+            self.region.atomic_u32(H_SITE).load(Ordering::Acquire),
+            self.region.atomic_u32(H_SITE_PID).load(Ordering::Acquire),
+            self.region.atomic_u64(H_SITE_SEED).load(Ordering::Acquire),
+            self.region.atomic_u64(H_SITE_HITS),
+        )
+    }
+
+    /// Wakes whoever sleeps on slot `i`'s state word (the worker for a request, the host for
+    /// a reply). Both re-check the state, so waking one too many is harmless.
+    fn wake(&self, i: usize, sleeper: usize) {
+        if self.word(i, sleeper).load(Ordering::SeqCst) != 0 {
+            let _ = futex_wake(self.state(i), u32::MAX);
         }
     }
 
-    /// Asks the module to run `fault` while idle (between requests).
-    pub fn post_idle_fault(&self, code: u32) {
-        self.region
-            .atomic_u32(H_IDLE_FAULT)
-            .store(code, Ordering::Release);
-        self.ring_doorbell();
+    /// Asks context `i` to run `fault` while idle (between requests).
+    pub fn post_idle_fault(&self, i: usize, code: u32) {
+        self.word(i, S_IDLE_FAULT).store(code, Ordering::Release);
+        let _ = futex_wake(self.state(i), u32::MAX);
     }
 
     /// Host side: posts `req` in slot `i` and waits for the reply bytes. `deadline` bounds
@@ -138,23 +197,21 @@ impl Ring {
         );
         let off = Self::slot_off(i);
         self.region.write(off + SLOT_HDR, req);
-        self.region
-            .atomic_u32(off + S_LEN)
+        self.word(i, S_LEN)
             .store(req.len() as u32, Ordering::Relaxed);
-        self.region
-            .atomic_u32(off + S_FAULT)
-            .store(fault, Ordering::Relaxed);
+        self.word(i, S_FAULT).store(fault, Ordering::Relaxed);
+        // A new request in this context: its global-write flag starts clear.
+        self.word(i, S_GFLAG).store(0, Ordering::SeqCst);
         let state = self.state(i);
-        state.store(REQUEST, Ordering::Release);
-        self.ring_doorbell();
+        state.store(REQUEST, Ordering::SeqCst);
+        self.wake(i, S_WORKER_SLEEPS);
         let start = Instant::now();
         let mut killed_at: Option<Instant> = None;
         loop {
             let s = state.load(Ordering::Acquire);
             match s {
                 REPLY => {
-                    let n = (self.region.atomic_u32(off + S_LEN).load(Ordering::Acquire) as usize)
-                        .min(SLOT_BUF);
+                    let n = (self.word(i, S_LEN).load(Ordering::Acquire) as usize).min(SLOT_BUF);
                     let mut out = vec![0u8; n];
                     self.region.read(off + SLOT_HDR, &mut out);
                     state.store(FREE, Ordering::Release);
@@ -177,7 +234,11 @@ impl Ring {
             }
             match killed_at {
                 None if elapsed >= deadline => {
-                    tracing::warn!(?deadline, "module missed its request deadline; killing it");
+                    tracing::warn!(
+                        ?deadline,
+                        slot = i,
+                        "module context missed its request deadline; killing it"
+                    );
                     kill_worker();
                     killed_at = Some(Instant::now());
                 }
@@ -194,7 +255,7 @@ impl Ring {
                 }
                 _ => {}
             }
-            let sleeps = self.region.atomic_u32(off + S_HOST_SLEEPS);
+            let sleeps = self.word(i, S_HOST_SLEEPS);
             sleeps.store(1, Ordering::SeqCst);
             let _ = futex_wait(state, s, Some(Duration::from_millis(20)));
             sleeps.store(0, Ordering::SeqCst);
@@ -205,12 +266,9 @@ impl Ring {
     /// their waiter wakes); slots a newer generation already runs are left alone. With `all`
     /// (no module will ever come back), every RUNNING slot and unclaimed REQUEST too.
     pub fn mark_dead(&self, dead: Option<u32>, all: bool) {
-        for i in 0..SLOTS {
+        for i in 0..self.slots {
             let st = self.state(i);
-            let claimer = self
-                .region
-                .atomic_u32(Self::slot_off(i) + S_PID)
-                .load(Ordering::SeqCst);
+            let claimer = self.claimer(i);
             let mine = all || dead.is_none_or(|d| d == claimer);
             let mut hit = mine
                 && st
@@ -222,86 +280,83 @@ impl Ring {
                     .is_ok();
             }
             if hit {
-                let _ = futex_wake(st, 1);
+                let _ = futex_wake(st, u32::MAX);
             }
         }
     }
 
-    /// Module side: waits for work and serves it forever with `serve(slot, fault, request)`.
+    /// Context `i`'s protection ranges in this process: its own local data stays writable;
+    /// every other context's local data is foreign. `(addr, len)` pairs.
+    pub fn foreign_ranges(&self, i: usize) -> Vec<(usize, usize)> {
+        (0..self.slots)
+            .filter(|&j| j != i)
+            .map(|j| {
+                let (o, l) = Self::local(j);
+                (self.region.addr() + o, l)
+            })
+            .collect()
+    }
+
+    /// Context `i`'s global-write flag and culprit words (they live as long as the ring).
+    pub fn trap_words(&self, i: usize) -> (&AtomicU32, &AtomicU32) {
+        (self.word(i, S_GFLAG), self.word(i, S_ILLEGAL))
+    }
+
+    /// Module side: context `i` waits for work in its own slot and serves it forever with
+    /// `serve(fault, request)`; `after` runs once each reply is out (re-protection).
     pub fn serve(
         &self,
-        mut serve: impl FnMut(usize, u32, &[u8]) -> Vec<u8>,
+        i: usize,
+        mut serve: impl FnMut(u32, &[u8]) -> Vec<u8>,
         mut idle_fault: impl FnMut(u32),
+        mut after: impl FnMut(),
     ) -> ! {
         let me = sys::Pid::this().as_raw() as u32;
+        let off = Self::slot_off(i);
+        let st = self.state(i);
         let mut buf = Vec::new();
         loop {
-            let seen = self.doorbell().load(Ordering::Acquire);
-            let f = self
-                .region
-                .atomic_u32(H_IDLE_FAULT)
-                .swap(0, Ordering::AcqRel);
+            let f = self.word(i, S_IDLE_FAULT).swap(0, Ordering::AcqRel);
             if f != 0 {
                 idle_fault(f);
             }
-            let mut did = false;
-            for i in 0..SLOTS {
-                let st = self.state(i);
-                let off = Self::slot_off(i);
-                if st.load(Ordering::Acquire) != REQUEST {
-                    continue;
-                }
+            if st.load(Ordering::Acquire) == REQUEST {
                 // Name the claimer before claiming: a RUNNING slot always carries the pid of
                 // the process running it, so a late death report for an older generation can
                 // never be pinned on a request the new generation is serving.
-                self.region
-                    .atomic_u32(off + S_PID)
-                    .store(me, Ordering::SeqCst);
+                self.word(i, S_PID).store(me, Ordering::SeqCst);
                 if st
                     .compare_exchange(REQUEST, RUNNING, Ordering::SeqCst, Ordering::Acquire)
-                    .is_err()
+                    .is_ok()
                 {
+                    let n = (self.word(i, S_LEN).load(Ordering::Acquire) as usize).min(SLOT_BUF);
+                    buf.resize(n, 0);
+                    self.region.read(off + SLOT_HDR, &mut buf);
+                    let fault = self.word(i, S_FAULT).load(Ordering::Relaxed);
+                    let reply = serve(fault, &buf);
+                    let n = reply.len().min(SLOT_BUF);
+                    self.region.write(off + SLOT_HDR, &reply[..n]);
+                    self.word(i, S_LEN).store(n as u32, Ordering::Release);
+                    // Only if still ours: the host may have given up on us after a deadline.
+                    if st
+                        .compare_exchange(RUNNING, REPLY, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        self.wake(i, S_HOST_SLEEPS);
+                    }
+                    after();
                     continue;
                 }
-                did = true;
-                let n = (self.region.atomic_u32(off + S_LEN).load(Ordering::Acquire) as usize)
-                    .min(SLOT_BUF);
-                buf.resize(n, 0);
-                self.region.read(off + SLOT_HDR, &mut buf);
-                let fault = self
-                    .region
-                    .atomic_u32(off + S_FAULT)
-                    .load(Ordering::Relaxed);
-                let reply = serve(i, fault, &buf);
-                let n = reply.len().min(SLOT_BUF);
-                self.region.write(off + SLOT_HDR, &reply[..n]);
-                self.region
-                    .atomic_u32(off + S_LEN)
-                    .store(n as u32, Ordering::Release);
-                // Only if still ours: the host may have given up on us after a deadline.
-                if st
-                    .compare_exchange(RUNNING, REPLY, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                    && self
-                        .region
-                        .atomic_u32(off + S_HOST_SLEEPS)
-                        .load(Ordering::SeqCst)
-                        != 0
-                {
-                    let _ = futex_wake(st, 1);
-                }
-            }
-            if did {
-                continue;
             }
             let t = Instant::now();
-            while t.elapsed() < SPIN && self.doorbell().load(Ordering::Acquire) == seen {
+            while t.elapsed() < SPIN && st.load(Ordering::Acquire) != REQUEST {
                 std::thread::yield_now();
             }
-            let sleeps = self.region.atomic_u32(H_MODULE_SLEEPS);
+            let sleeps = self.word(i, S_WORKER_SLEEPS);
             sleeps.store(1, Ordering::SeqCst);
-            if self.doorbell().load(Ordering::SeqCst) == seen {
-                let _ = futex_wait(self.doorbell(), seen, Some(Duration::from_secs(1)));
+            let cur = st.load(Ordering::SeqCst);
+            if cur != REQUEST && self.word(i, S_IDLE_FAULT).load(Ordering::SeqCst) == 0 {
+                let _ = futex_wait(st, cur, Some(Duration::from_secs(1)));
             }
             sleeps.store(0, Ordering::SeqCst);
         }
@@ -314,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_death_report_fails_only_the_dead_processs_slots() {
-        let r = Ring::create().unwrap();
+        let r = Ring::create(2).unwrap();
         r.region
             .atomic_u32(Ring::slot_off(0) + S_PID)
             .store(100, Ordering::SeqCst);
@@ -337,17 +392,19 @@ mod tests {
 
     #[test]
     fn roundtrip_through_a_serving_thread_and_a_deadline() {
-        let r = std::sync::Arc::new(Ring::create().unwrap());
+        let r = std::sync::Arc::new(Ring::create(2).unwrap());
         let s = r.clone();
         std::thread::spawn(move || {
             s.serve(
-                |_, fault, req| {
+                0,
+                |fault, req| {
                     if fault == 9 {
                         std::thread::sleep(Duration::from_millis(300));
                     }
                     req.iter().rev().copied().collect()
                 },
                 |_| {},
+                || {},
             )
         });
         let out = r.roundtrip(

@@ -20,16 +20,24 @@ const H_MAGIC: usize = 0;
 const H_NBLOCKS: usize = 8;
 const H_FREE: usize = 16;
 const H_HINT: usize = 24;
-/// Lock table entries; ids hash into it (a collision only makes two locks share one slot).
-pub const LOCK_SLOTS: usize = 1024;
+/// Lock table entries; ids hash into it. A collision makes two locks share one slot, which can
+/// only add a false wait; with 16 Ki slots and a handful of locks per request it is rare.
+pub const LOCK_SLOTS: usize = 16 * 1024;
+/// Per-owner lock registry: a count and this many slots (more falls back to a table scan).
+const REG_SLOTS: usize = 63;
+const REG_BYTES: usize = (REG_SLOTS + 1) * 8;
 const PAGE: usize = 4096;
-
-/// Header offset of the per-owner "locks held" counters (owners are 1..=255).
-const H_HELD: usize = 512;
 
 /// Who holds a lock: a request slot (1-based) or the level-5 caller; never 0, below 256.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Owner(pub u64);
+
+/// What a context may only read, and the lock table it may always write.
+#[derive(Debug, Clone)]
+pub struct ProtectedRanges {
+    pub globals: Vec<(usize, usize)>,
+    pub lock_table: (usize, usize),
+}
 
 /// Errors creating a store.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +74,7 @@ impl Store {
         let refs_off = (bitmap_off + bitmap_len).next_multiple_of(PAGE);
         let refs_len = nblocks as usize * 4;
         let locks_off = (refs_off + refs_len).next_multiple_of(PAGE);
-        let blocks_off = (locks_off + LOCK_SLOTS * 16).next_multiple_of(PAGE);
+        let blocks_off = (locks_off + LOCK_SLOTS * 16 + 256 * REG_BYTES).next_multiple_of(PAGE);
         let total = blocks_off + nblocks as usize * BLOCK_SIZE;
         let region = SharedRegion::create("kintsugi-store", total)
             .map_err(|e| StoreError::Create(size, e))?;
@@ -156,10 +164,17 @@ impl Store {
 
     /// Allocates the lowest free block at or after the hint, zero-filled (no logging).
     pub fn alloc(&self) -> Option<u64> {
+        let b = self.take_free()?;
+        self.zero_block(b);
+        Some(b)
+    }
+
+    /// Finds a free block and takes it in one step (another context allocating at the same
+    /// time can never get the same block). Not zero-filled.
+    pub fn take_free(&self) -> Option<u64> {
         loop {
             let b = self.find_free()?;
             if !self.set_allocated(b, true) {
-                self.zero_block(b);
                 return Some(b);
             }
         }
@@ -222,40 +237,50 @@ impl Store {
 
     /// Lock-table slot for lock id `id`.
     pub fn lock_slot(id: u64) -> usize {
-        (id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % LOCK_SLOTS
+        (id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize % LOCK_SLOTS
+    }
+
+    /// `owner`'s registry: `[count][slot; REG_SLOTS]`, written only by the owner (and by the
+    /// host once the owner is dead), so it needs no lock of its own.
+    fn registry(&self, owner: Owner) -> usize {
+        self.locks_off + LOCK_SLOTS * 16 + (owner.0 % 256) as usize * REG_BYTES
     }
 
     /// Tries to take lock slot `slot` for `owner`: `Some(first)` on success (`first`: it was
     /// free, not a nested take), `None` if someone else holds it.
     pub fn try_lock(&self, slot: usize, owner: Owner) -> Option<bool> {
         let (o, depth) = self.lock_words(slot);
-        // Count first, take second: whenever the owner dies, the count is never below what it
-        // holds, so release_all's fast path cannot skip a held lock.
-        let held = self.held(owner);
-        held.fetch_add(1, Ordering::AcqRel);
+        // Register first, take second: whenever the owner dies, its registry names every slot
+        // it may hold, so release_all never misses one (an extra entry for a take that lost
+        // the race is harmless: release only clears slots whose holder is the owner).
+        let reg = self.registry(owner);
+        let count = self.region.atomic_u64(reg);
+        let n = count.load(Ordering::Acquire);
+        if n < REG_SLOTS as u64 {
+            self.region
+                .atomic_u64(reg + 8 + n as usize * 8)
+                .store(slot as u64, Ordering::Release);
+        }
+        count.store(n + 1, Ordering::Release);
         match o.compare_exchange(0, owner.0, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
                 depth.store(1, Ordering::Release);
                 Some(true)
             }
             Err(cur) if cur == owner.0 => {
-                held.fetch_sub(1, Ordering::AcqRel);
+                count.store(n, Ordering::Release);
                 depth.fetch_add(1, Ordering::AcqRel);
                 Some(false)
             }
             Err(_) => {
-                held.fetch_sub(1, Ordering::AcqRel);
+                count.store(n, Ordering::Release);
                 None
             }
         }
     }
 
-    fn held(&self, owner: Owner) -> &AtomicU64 {
-        self.region
-            .atomic_u64(H_HELD + (owner.0 % 256) as usize * 8)
-    }
-
-    /// Drops one level of `owner`'s hold on `slot`; `false` if `owner` does not hold it.
+    /// Drops one level of `owner`'s hold on `slot`; `false` if `owner` does not hold it. (The
+    /// registry keeps the slot: release_all skips slots no longer held by the owner.)
     pub fn unlock(&self, slot: usize, owner: Owner) -> bool {
         let (o, depth) = self.lock_words(slot);
         if o.load(Ordering::Acquire) != owner.0 {
@@ -264,36 +289,124 @@ impl Store {
         if depth.fetch_sub(1, Ordering::AcqRel) <= 1 {
             depth.store(0, Ordering::Release);
             o.store(0, Ordering::Release);
-            let _ = self
-                .held(owner)
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
         }
         true
     }
 
-    /// Releases every lock `owner` holds (rollback after a failed request). Returns how many.
+    /// Releases every lock `owner` holds (end of a request, committed or rolled back), found
+    /// through its registry. Returns how many were held.
     pub fn release_all(&self, owner: Owner) -> usize {
-        // The common case (a request that released what it took) costs one load, not a scan.
-        if self.held(owner).load(Ordering::Acquire) == 0 {
+        let reg = self.registry(owner);
+        let count = self.region.atomic_u64(reg);
+        let n = count.load(Ordering::Acquire);
+        if n == 0 {
             return 0;
         }
-        let mut n = 0;
-        for s in 0..LOCK_SLOTS {
+        let mut released = 0;
+        let mut free = |s: usize| {
             let (o, depth) = self.lock_words(s);
             if o.load(Ordering::Acquire) == owner.0 {
                 depth.store(0, Ordering::Release);
                 o.store(0, Ordering::Release);
-                n += 1;
+                released += 1;
+            }
+        };
+        if n > REG_SLOTS as u64 {
+            // Overflowed registry: fall back to a scan of the whole table.
+            (0..LOCK_SLOTS).for_each(&mut free);
+        } else {
+            for i in 0..n as usize {
+                let s = self
+                    .region
+                    .atomic_u64(reg + 8 + i * 8)
+                    .load(Ordering::Acquire);
+                free((s as usize).min(LOCK_SLOTS - 1));
             }
         }
-        self.held(owner).store(0, Ordering::Release);
-        n
+        count.store(0, Ordering::Release);
+        released
     }
 
     /// The holder of lock slot `slot`, if any (for the host's view of who holds what).
     pub fn lock_holder(&self, slot: usize) -> Option<Owner> {
         let o = self.lock_words(slot).0.load(Ordering::Acquire);
         (o != 0).then_some(Owner(o))
+    }
+
+    /// Checks the lock table, the one piece of global host data every context may write (it
+    /// is never write-protected): every held slot's holder is one of `live` owners with a
+    /// sane depth, and each holder's registry names it. Returns the problems found.
+    pub fn verify_locks(&self, live: &[Owner]) -> Vec<String> {
+        let mut problems = Vec::new();
+        for s in 0..LOCK_SLOTS {
+            let (o, depth) = self.lock_words(s);
+            let holder = o.load(Ordering::Acquire);
+            if holder == 0 {
+                continue;
+            }
+            let d = depth.load(Ordering::Acquire);
+            if !live.iter().any(|l| l.0 == holder) {
+                problems.push(format!("lock slot {s} held by unknown owner {holder}"));
+                continue;
+            }
+            if d == 0 || d > 1 << 20 {
+                problems.push(format!("lock slot {s} has depth {d}"));
+            }
+            let reg = self.registry(Owner(holder));
+            let n = self.region.atomic_u64(reg).load(Ordering::Acquire);
+            let listed = n > REG_SLOTS as u64
+                || (0..n as usize).any(|i| {
+                    self.region
+                        .atomic_u64(reg + 8 + i * 8)
+                        .load(Ordering::Acquire)
+                        == s as u64
+                });
+            if !listed {
+                problems.push(format!(
+                    "lock slot {s} held by owner {holder} but missing from its registry"
+                ));
+            }
+        }
+        problems
+    }
+
+    /// Checks the header (magic, geometry, free count against the bitmap).
+    pub fn verify_header(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.region.atomic_u64(H_MAGIC).load(Ordering::Acquire) != MAGIC {
+            problems.push("store header magic damaged".to_string());
+        }
+        if self.region.atomic_u64(H_NBLOCKS).load(Ordering::Acquire) != self.nblocks {
+            problems.push("store header block count damaged".to_string());
+        }
+        let used: u64 = (0..self.nblocks.div_ceil(64))
+            .map(|w| u64::from(self.bitmap_word(w).load(Ordering::Acquire).count_ones()))
+            .sum();
+        let free = self.free_blocks();
+        if used + free != self.nblocks {
+            problems.push(format!(
+                "free-block count {free} disagrees with the bitmap ({} free)",
+                self.nblocks - used
+            ));
+        }
+        problems
+    }
+
+    /// The byte ranges (offset, length in the shared region) of data every context may only
+    /// read while it runs (header, bitmap, reference counts, blocks), and of the lock table.
+    pub fn protected_ranges(&self) -> ProtectedRanges {
+        ProtectedRanges {
+            globals: vec![
+                (0, self.locks_off),
+                (self.blocks_off, self.region.len() - self.blocks_off),
+            ],
+            lock_table: (self.locks_off, self.blocks_off - self.locks_off),
+        }
+    }
+
+    /// The shared region (for the context workers' write protection).
+    pub fn region(&self) -> &SharedRegion {
+        &self.region
     }
 
     /// A digest of every block's content and the bitmap, for tests that check "state equals

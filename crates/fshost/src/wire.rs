@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     Mkfs,
+    /// The module's whole-structure check; answered `Data` (problems, one per line).
+    Fsck,
     Lookup {
         parent: Ino,
         #[serde(with = "serde_bytes")]
@@ -150,7 +152,7 @@ impl OpClass {
     }
     pub fn matches(self, op: &Op) -> bool {
         match self {
-            OpClass::Any => !matches!(op, Op::Mkfs),
+            OpClass::Any => !matches!(op, Op::Mkfs | Op::Fsck),
             OpClass::Write => matches!(op, Op::Write { .. }),
             OpClass::Rename => matches!(op, Op::Rename { .. }),
             OpClass::Readdir => matches!(op, Op::Readdir { .. }),
@@ -178,12 +180,41 @@ impl Op {
                 | Op::Statfs
                 | Op::Fsync { .. }
                 | Op::Flush { .. }
+                | Op::Fsck
         )
+    }
+
+    /// The node whose data the request is about (the directory for namespace ops), for the
+    /// "repeated local errors on the same data" rule of containment.
+    pub fn data_key(&self) -> Option<Ino> {
+        match self {
+            Op::Mkfs | Op::Fsck | Op::Statfs => None,
+            Op::Lookup { parent, .. }
+            | Op::Create { parent, .. }
+            | Op::Mknod { parent, .. }
+            | Op::Mkdir { parent, .. }
+            | Op::Unlink { parent, .. }
+            | Op::Rmdir { parent, .. }
+            | Op::Rename { parent, .. }
+            | Op::Symlink { parent, .. } => Some(*parent),
+            Op::Getattr { ino }
+            | Op::Setattr { ino, .. }
+            | Op::Read { ino, .. }
+            | Op::Write { ino, .. }
+            | Op::Link { ino, .. }
+            | Op::Readlink { ino }
+            | Op::Open { ino, .. }
+            | Op::Release { ino, .. }
+            | Op::Readdir { ino, .. }
+            | Op::Fsync { ino, .. }
+            | Op::Flush { ino, .. } => Some(*ino),
+        }
     }
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
             Op::Mkfs => "mkfs",
+            Op::Fsck => "fsck",
             Op::Lookup { .. } => "lookup",
             Op::Getattr { .. } => "getattr",
             Op::Setattr { .. } => "setattr",
@@ -234,6 +265,7 @@ pub fn execute(m: &mut dyn Module, pm: &mut dyn Pm, req: Request) -> Reply {
     let ctx = &req.ctx;
     let r = match req.op {
         Op::Mkfs => m.mkfs(pm).map(|()| Reply::Ok),
+        Op::Fsck => m.fsck(pm).map(|p| Reply::Data(p.join("\n").into_bytes())),
         Op::Lookup { parent, name } => m.lookup(pm, ctx, parent, &name).map(Reply::Attr),
         Op::Getattr { ino } => m.getattr(pm, ino).map(Reply::Attr),
         Op::Setattr { ino, set } => m.setattr(pm, ctx, ino, &set).map(Reply::Attr),

@@ -70,3 +70,57 @@ pub fn fpe() -> ! {
         std::process::abort()
     }
 }
+
+/// This process's `[heap]` mapping (the brk heap glibc's malloc serves small allocations from),
+/// as `(start, end)`.
+fn heap_range() -> Option<(usize, usize)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let line = maps.lines().find(|l| l.ends_with("[heap]"))?;
+    let (range, _) = line.split_once(' ')?;
+    let (a, b) = range.split_once('-')?;
+    Some((
+        usize::from_str_radix(a, 16).ok()?,
+        usize::from_str_radix(b, 16).ok()?,
+    ))
+}
+
+/// A raw memory fault: flips one bit of this process's heap, chosen by `seed`. Whatever lives
+/// there (a buffer, a length, an allocator header) is now wrong, as after a hardware bit flip
+/// or a stray write. Returns the address, or `None` if the process has no brk heap.
+pub fn flip_heap_bit(seed: u64) -> Option<usize> {
+    let (start, end) = heap_range()?;
+    let addr = start + (seed as usize % (end - start));
+    let bit = (seed >> 32) as u8 % 8;
+    // SAFETY: not sound by design — this deliberately corrupts live memory of this process to
+    // emulate a fault; it is only ever called inside a disposable module context whose host
+    // contains the consequences. The access itself is valid: `addr` lies inside the readable,
+    // writable `[heap]` mapping read from /proc/self/maps just above, and a byte needs no
+    // alignment. Volatile, so the compiler cannot drop or reorder it.
+    unsafe {
+        let p = addr as *mut u8;
+        std::ptr::write_volatile(p, std::ptr::read_volatile(p) ^ (1 << bit));
+    }
+    Some(addr)
+}
+
+/// A raw memory fault: finds a word in this process's heap that holds a pointer into the heap
+/// (the `seed`-th such word, wrapping) and corrupts it (flips bit 44, making it point far outside
+/// any mapping), as a wild write would. The next use of that pointer faults or reads garbage.
+/// Returns the address of the corrupted word, or `None` if no heap pointer was found.
+pub fn corrupt_heap_pointer(seed: u64) -> Option<usize> {
+    let (start, end) = heap_range()?;
+    let words = (end - start) / 8;
+    let first = seed as usize % words.max(1);
+    for k in 0..words {
+        let at = start + ((first + k) % words) * 8;
+        // SAFETY: `at` is an 8-aligned address inside the readable `[heap]` mapping.
+        let v = unsafe { std::ptr::read_volatile(at as *const usize) };
+        if v >= start && v < end && v % 8 == 0 {
+            // SAFETY: as in `flip_heap_bit`: deliberate corruption inside a disposable module
+            // context; the write is to a valid, aligned, writable heap word.
+            unsafe { std::ptr::write_volatile(at as *mut usize, v ^ (1 << 44)) };
+            return Some(at);
+        }
+    }
+    None
+}

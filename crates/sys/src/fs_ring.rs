@@ -66,6 +66,11 @@ impl SharedRegion {
         self.len == 0
     }
 
+    /// The mapping's address in this process (for page protection of parts of it).
+    pub fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
     /// The memfd, e.g. to pass to a process that did not inherit the mapping.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

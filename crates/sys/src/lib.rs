@@ -28,5 +28,6 @@ pub mod shm;
 pub mod signal;
 pub mod spawn;
 pub mod uffd;
+pub mod wtrap;
 
 pub use process::Pid;

@@ -381,3 +381,10 @@ pub fn spawn_mm_anchor() -> io::Result<Pid> {
         Ok(Pid(pid))
     }
 }
+
+/// The process group of `pid` (`getpgid(2)`), `None` if the process is gone.
+pub fn pgid_of(pid: Pid) -> Option<Pid> {
+    // SAFETY: getpgid takes a plain integer and touches no memory of ours.
+    let g = unsafe { libc::getpgid(pid.as_raw()) };
+    Pid::from_raw(g)
+}

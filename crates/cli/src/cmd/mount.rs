@@ -31,6 +31,18 @@ pub struct Args {
     /// after rollback) or eio.
     #[arg(long, default_value = "retry", value_parser = ["retry", "eio"])]
     pub on_crash: String,
+    /// Level 4: module contexts (worker processes), i.e. requests served at once (1-8).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub contexts: u8,
+    /// Level 4: the recovery rung for a module fault. contain = abort only the faulting
+    /// request's context when it wrote no global data (else escalate to restart); restart =
+    /// roll back, restart the module, retry once; none = the first fault ends the file system.
+    #[arg(long, default_value = "contain", value_parser = ["contain", "restart", "none"])]
+    pub recovery: String,
+    /// Level 4 with --recovery contain: a contained fault answers its request EIO, and with
+    /// kill-client also kills the client process (its process group if it has its own).
+    #[arg(long, default_value = "eio", value_parser = ["eio", "kill-client"])]
+    pub on_local_error: String,
     /// Daemon log file (default: discard).
     #[arg(long)]
     pub log: Option<PathBuf>,
@@ -79,6 +91,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             fshost::OnCrash::Eio
         } else {
             fshost::OnCrash::Retry
+        },
+        contexts: fshost::ContextOpts {
+            contexts: usize::from(a.contexts),
+            recovery: fshost::Recovery::parse(&a.recovery).unwrap_or(fshost::Recovery::Contain),
+            on_local_error: if a.on_local_error == "kill-client" {
+                fshost::OnLocalError::KillClient
+            } else {
+                fshost::OnLocalError::Eio
+            },
+            ..fshost::ContextOpts::default()
         },
         log: a.log,
     };

@@ -9,20 +9,63 @@
 //! - blocks 1..=itable_blocks: the inode table, 128-byte inodes, inode number = index + 1
 //!   (so the root is 1, as FUSE wants); mode 0 marks a free inode;
 //! - every other block is handed out by the host (`get_next_blk`): file data, directory
-//!   blocks, and pointer blocks (4 direct pointers, one indirect, one double, one triple indirect; 0 is a
-//!   hole, which is how sparse files work);
+//!   blocks, and pointer blocks (4 direct pointers, one indirect, one double, one triple
+//!   indirect; 0 is a hole, which is how sparse files work);
 //! - a directory's data is an array of 272-byte entries (ino, kind, name length, name); ino 0
 //!   is a free slot. `.` and `..` are not stored: a directory keeps its parent in `rdev`.
+//!   Directories have no holes. Link counts: a file's is the number of entries naming it; a
+//!   directory's is 2 plus the number of its subdirectories (whose `rdev` names it).
 //!
-//! Locking: namespace operations take the parent directory's lock (and a file-system-wide
-//! rename lock for rename) through the protection manager, so the host sees them and can
-//! release them if the module dies mid-request.
+//! # Concurrency and the lock order
+//!
+//! Requests may run at the same time in different module processes over one store, and the
+//! host keeps every lock a request takes until the request ends (strict two-phase locking:
+//! [`Pm::unlock`] is deferred). So every request takes its locks in **one global order**,
+//! and never a lock ranked below one it already holds (taken earlier in the same request,
+//! even in a section that has "ended"):
+//!
+//! 1. `RENAME_LOCK` (rename only: keeps the ancestor relation stable);
+//! 2. inode locks (`LockId(ino)`), in **ascending inode number**; an inode's lock covers its
+//!    128-byte slot, its data, its pointer blocks and, for a directory, its entries;
+//! 3. `SUPER_LOCK` last: the superblock's mutable fields (free-inode count, allocation hint).
+//!
+//! Every upcall runs inside one [`Locks`] set that enforces this: asking for a lock ranked
+//! below the highest one held answers `ESTALE` instead of risking a deadlock (the kernel
+//! retries a path operation that fails with `ESTALE` once, with revalidation). Operations
+//! whose locks depend on what they read (a name's inode, `..`, a free inode to allocate)
+//! first *peek* without locks to collect the inodes they will need, lock the whole set in
+//! ascending order, then read again under the locks and use only what they read there; the
+//! peek is a hint, never trusted, and never self-checked (a torn unlocked read is not a
+//! fault). `ESTALE` only happens if a concurrent request changed the name between the peek
+//! and the locks *and* the new inode ranks below a lock already held. Readers (`lookup`,
+//! `getattr`, `read`, `readdir`, `readlink`, `statfs`, `fsync`) take the locks of everything
+//! they read, so they never see a half-written or uncommitted structure. Blocks come from the
+//! host's atomic allocator and need no lock of ours.
+//!
+//! Every write to host data is as narrow as the data changed: an inode write is its 128-byte
+//! slot, a directory entry its 272-byte slot (clearing one, its 8-byte ino), a pointer its 8
+//! bytes (or the run of pointers truncate zeroes), the superblock its 64 bytes. So the undo
+//! ranges of concurrent requests never overlap.
+//!
+//! # Self-checks
+//!
+//! Whatever SMFS reads under its locks is checked cheaply before use: a used inode's mode,
+//! size and block pointers (inside the store, never into the superblock or inode table), a
+//! directory entry's ino, kind and name, pointer-block entries, the link count and kind of an
+//! inode a name leads to, the superblock's magic, version, crc and counts. An inconsistency is
+//! answered with `EUCLEAN` (a failed check, a module fault for the host), never a panic or a
+//! wrong answer. `fsck` is the whole-structure check.
 #![forbid(unsafe_code)]
 
 use fsapi::{
-    Attr, BlockNo, Ctx, DirEntry, Errno, Fh, FileKind, FsResult, Ino, LockId, Module, Pm,
-    RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, StatFs, TimeSet, Timespec,
+    Attr, BlockNo, Ctx, DirEntry, Errno, Fh, FileKind, FsResult, FsckProblem, Ino, LockId, Module,
+    Pm, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, Site, StatFs, TimeSet, Timespec,
 };
+
+mod fsck;
+mod sites;
+
+pub use sites::SITES;
 
 const MAGIC: u64 = 0x534d_4653_0000_0001; // "SMFS" v1
 const VERSION: u32 = 1;
@@ -31,8 +74,101 @@ const NDIRECT: usize = 4;
 const DIRENT_SIZE: usize = 272;
 const NAME_MAX: usize = 255;
 const LINK_MAX: u32 = 32_000;
-/// Lock id for "the namespace is being renamed": keeps the ancestor relation stable.
+/// A symlink target is shorter than this.
+const SYMLINK_MAX: u64 = 4096;
+/// Lock id for "the namespace is being renamed": keeps the ancestor relation stable. Ranked
+/// first.
 const RENAME_LOCK: LockId = LockId(u64::MAX);
+/// Lock id for the superblock's mutable fields (inode allocation). Ranked last.
+const SUPER_LOCK: LockId = LockId(u64::MAX - 1);
+/// A lock could not be taken in order (a concurrent change between peek and lock).
+const ESTALE: Errno = Errno(libc::ESTALE);
+
+/// The position of lock `l` in the global order (see the module documentation).
+fn lock_rank(l: LockId) -> u64 {
+    if l == RENAME_LOCK {
+        0
+    } else if l == SUPER_LOCK {
+        u64::MAX
+    } else {
+        l.0
+    }
+}
+
+/// The locks one request holds. Strict two-phase: nothing is released before the request
+/// ends, so a lock is only ever taken if it ranks above every lock already held.
+#[derive(Debug, Default)]
+struct Locks {
+    held: Vec<LockId>,
+    top: Option<u64>,
+}
+
+impl Locks {
+    fn holds(&self, l: LockId) -> bool {
+        self.held.contains(&l)
+    }
+
+    /// Takes `l` (nothing if held already); `ESTALE` if it ranks below a held lock.
+    fn lock(&mut self, pm: &mut dyn Pm, l: LockId) -> FsResult<()> {
+        if self.holds(l) {
+            return Ok(());
+        }
+        let r = lock_rank(l);
+        if self.top.is_some_and(|t| r < t) {
+            return Err(ESTALE);
+        }
+        pm.lock(l)?;
+        self.held.push(l);
+        self.top = Some(r);
+        Ok(())
+    }
+
+    /// Takes every lock of `ls`, in ascending rank.
+    fn lock_all(&mut self, pm: &mut dyn Pm, mut ls: Vec<LockId>) -> FsResult<()> {
+        ls.sort_by_key(|l| lock_rank(*l));
+        ls.dedup();
+        for l in ls {
+            self.lock(pm, l)?;
+        }
+        Ok(())
+    }
+
+    /// The highest inode whose lock is held (0: none).
+    fn top_ino(&self) -> u64 {
+        self.held
+            .iter()
+            .filter(|l| **l != RENAME_LOCK && **l != SUPER_LOCK)
+            .map(|l| l.0)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// End of the request: says "done" for every lock (the host releases them now).
+    fn release(self, pm: &mut dyn Pm) -> FsResult<()> {
+        let mut r = Ok(());
+        for l in self.held.into_iter().rev() {
+            if let Err(e) = pm.unlock(l) {
+                r = Err(e);
+            }
+        }
+        r
+    }
+}
+
+/// Runs one request's body with its lock set; every lock is released when it returns. (If
+/// the module dies inside, the host releases them while rolling back.)
+fn request<T>(
+    pm: &mut dyn Pm,
+    f: impl FnOnce(&mut dyn Pm, &mut Locks) -> FsResult<T>,
+) -> FsResult<T> {
+    let mut l = Locks::default();
+    let r = f(pm, &mut l);
+    let u = l.release(pm);
+    match r {
+        Ok(v) => u.map(|()| v),
+        Err(e) => Err(e),
+    }
+}
 
 /// The SMFS module. Holds only geometry read from the superblock.
 #[derive(Debug, Default)]
@@ -44,9 +180,26 @@ pub struct Smfs {
 struct Geometry {
     bs: usize,
     ninodes: u64,
+    itable_blocks: u64,
+    nblocks: u64,
 }
 
-/// Superblock fields that change at run time.
+impl Geometry {
+    /// May `b` be a data or pointer block (not the superblock or inode table, inside the
+    /// store)?
+    fn data_blk(&self, b: u64) -> bool {
+        b > self.itable_blocks && b < self.nblocks
+    }
+    fn max_blocks(&self) -> u64 {
+        let per = (self.bs / 8) as u64;
+        NDIRECT as u64 + per + per * per + per * per * per
+    }
+    fn max_bytes(&self) -> u64 {
+        self.max_blocks() * self.bs as u64
+    }
+}
+
+/// Superblock fields.
 #[derive(Debug, Clone, Copy)]
 struct Super {
     ninodes: u64,
@@ -55,7 +208,7 @@ struct Super {
     hint: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Inode {
     mode: u32,
     nlink: u32,
@@ -86,7 +239,6 @@ fn put_u32(b: &mut [u8], o: usize, v: u32) {
 fn put_u64(b: &mut [u8], o: usize, v: u64) {
     b[o..o + 8].copy_from_slice(&v.to_le_bytes());
 }
-
 impl Inode {
     fn decode(b: &[u8; INODE_SIZE]) -> Inode {
         let ts = |s: usize, n: usize| Timespec {
@@ -169,24 +321,12 @@ fn check_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
-/// Runs `f` holding lock `l`; the lock is released whatever `f` returns. (If the module dies
-/// inside `f`, the host releases it while rolling back.)
-fn locked<T>(
-    pm: &mut dyn Pm,
-    l: LockId,
-    f: impl FnOnce(&mut dyn Pm) -> FsResult<T>,
-) -> FsResult<T> {
-    pm.lock(l)?;
-    let r = f(pm);
-    pm.unlock(l)?;
-    r
-}
-
 /// A directory slot found by name.
 #[derive(Debug, Clone, Copy)]
 struct Found {
     slot: u64,
     ino: Ino,
+    kind: FileKind,
 }
 
 impl Smfs {
@@ -198,21 +338,39 @@ impl Smfs {
         self.geo.ok_or(Errno::EIO)
     }
 
-    fn read_super(pm: &mut dyn Pm) -> FsResult<Super> {
+    /// The superblock as stored, checked on its own (magic, version, crc, counts).
+    fn decode_super(b: &[u8; 64]) -> FsResult<Super> {
+        if get_u64(b, 0) != MAGIC || get_u32(b, 8) != VERSION {
+            return Err(Errno::EUCLEAN);
+        }
+        if crc32c::crc32c(&b[..56]) != get_u32(b, 56) {
+            return Err(Errno::EUCLEAN);
+        }
+        let s = Super {
+            ninodes: get_u64(b, 16),
+            itable_blocks: get_u64(b, 24),
+            free_inodes: get_u64(b, 32),
+            hint: get_u64(b, 40),
+        };
+        if s.free_inodes > s.ninodes || s.hint == 0 || s.hint > s.ninodes {
+            return Err(Errno::EUCLEAN);
+        }
+        Ok(s)
+    }
+
+    /// Reads and checks the superblock (caller holds `SUPER_LOCK`, or no request runs).
+    fn read_super(&self, pm: &mut dyn Pm) -> FsResult<Super> {
         let mut b = [0u8; 64];
         pm.bread(BlockNo(0), 0, &mut b)?;
-        if get_u64(&b, 0) != MAGIC || get_u32(&b, 8) != VERSION {
+        let s = Self::decode_super(&b)?;
+        if let Some(g) = self.geo
+            && (s.ninodes != g.ninodes
+                || s.itable_blocks != g.itable_blocks
+                || get_u32(&b, 12) as usize != g.bs)
+        {
             return Err(Errno::EUCLEAN);
         }
-        if crc32c::crc32c(&b[..56]) != get_u32(&b, 56) {
-            return Err(Errno::EUCLEAN);
-        }
-        Ok(Super {
-            ninodes: get_u64(&b, 16),
-            itable_blocks: get_u64(&b, 24),
-            free_inodes: get_u64(&b, 32),
-            hint: get_u64(&b, 40),
-        })
+        Ok(s)
     }
 
     fn write_super(pm: &mut dyn Pm, s: &Super) -> FsResult<()> {
@@ -239,11 +397,59 @@ impl Smfs {
         Ok((BlockNo(1 + idx / per), (idx % per) as usize * INODE_SIZE))
     }
 
+    /// Takes the lock of inode `ino` (ENOENT for a number that cannot be an inode).
+    fn lock_ino(&self, pm: &mut dyn Pm, l: &mut Locks, ino: Ino) -> FsResult<()> {
+        self.iloc(ino)?;
+        l.lock(pm, LockId(ino.0))
+    }
+
+    /// Takes the locks of every inode in `inos` (None: skipped), ascending.
+    fn lock_inos(&self, pm: &mut dyn Pm, l: &mut Locks, inos: &[Option<Ino>]) -> FsResult<()> {
+        let mut ids = Vec::with_capacity(inos.len());
+        for ino in inos.iter().flatten() {
+            self.iloc(*ino)?;
+            ids.push(LockId(ino.0));
+        }
+        l.lock_all(pm, ids)
+    }
+
+    /// Cheap consistency checks of an inode as read (a free one is not checked).
+    fn check_inode(&self, i: &Inode) -> FsResult<()> {
+        if i.mode == 0 {
+            return Ok(());
+        }
+        let g = self.geo()?;
+        let kind = FileKind::from_mode(i.mode).ok_or(Errno::EUCLEAN)?;
+        if i.size > g.max_bytes() || u64::from(i.nblk) > g.nblocks {
+            return Err(Errno::EUCLEAN);
+        }
+        if i.ptr.iter().any(|p| *p != 0 && !g.data_blk(*p)) {
+            return Err(Errno::EUCLEAN);
+        }
+        let bad = match kind {
+            FileKind::Dir => {
+                !i.size.is_multiple_of(DIRENT_SIZE as u64)
+                    || i.size > u64::from(i.nblk) * g.bs as u64
+                    || i.rdev == 0
+                    || u64::from(i.rdev) > g.ninodes
+            }
+            FileKind::Symlink => i.size >= SYMLINK_MAX,
+            _ => false,
+        };
+        if bad {
+            return Err(Errno::EUCLEAN);
+        }
+        Ok(())
+    }
+
+    /// An inode slot, checked (free or not).
     fn iget_raw(&self, pm: &mut dyn Pm, ino: Ino) -> FsResult<Inode> {
         let (b, off) = self.iloc(ino)?;
         let mut buf = [0u8; INODE_SIZE];
         pm.bread(b, off, &mut buf)?;
-        Ok(Inode::decode(&buf))
+        let i = Inode::decode(&buf);
+        self.check_inode(&i)?;
+        Ok(i)
     }
 
     /// A live inode (ENOENT for a free one).
@@ -255,82 +461,171 @@ impl Smfs {
         Ok(i)
     }
 
+    /// The inode a directory entry of kind `kind` names: it must be live, linked and of that
+    /// kind (a directory with at least its two links).
+    fn iget_named(&self, pm: &mut dyn Pm, ino: Ino, kind: FileKind) -> FsResult<Inode> {
+        let i = self.iget_raw(pm, ino)?;
+        if i.mode == 0 || i.nlink == 0 || i.kind()? != kind || (i.is_dir() && i.nlink < 2) {
+            return Err(Errno::EUCLEAN);
+        }
+        Ok(i)
+    }
+
     fn iput(&self, pm: &mut dyn Pm, ino: Ino, i: &Inode) -> FsResult<()> {
         let (b, off) = self.iloc(ino)?;
         pm.bwrite(b, off, &i.encode())
     }
 
-    fn ialloc(&self, pm: &mut dyn Pm, mode: u32, ctx: &Ctx) -> FsResult<(Ino, Inode)> {
-        let mut sb = Self::read_super(pm)?;
-        if sb.free_inodes == 0 {
-            return Err(Errno::ENOSPC);
-        }
-        let n = sb.ninodes;
-        for k in 0..n {
-            let ino = Ino((sb.hint.saturating_sub(1) + k) % n + 1);
-            let old = self.iget_raw(pm, ino)?;
-            if old.mode != 0 {
-                continue;
-            }
-            let now = pm.now();
-            let i = Inode {
-                mode,
-                nlink: 1,
-                uid: ctx.uid,
-                gid: ctx.gid,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                generation: old.generation.wrapping_add(1),
-                ..Inode::default()
-            };
-            self.iput(pm, ino, &i)?;
-            sb.free_inodes -= 1;
-            sb.hint = ino.0 % n + 1;
-            Self::write_super(pm, &sb)?;
-            return Ok((ino, i));
-        }
-        Err(Errno::ENOSPC)
+    /// Unlocked look at a live inode: a hint only (None if it does not look sane).
+    fn peek_inode(&self, pm: &mut dyn Pm, ino: Ino) -> Option<Inode> {
+        self.iget(pm, ino).ok()
     }
 
-    /// Frees an inode and all its blocks.
-    fn ifree(&self, pm: &mut dyn Pm, ino: Ino, mut i: Inode) -> FsResult<()> {
+    /// Unlocked look at the inode `name` in `dir` names: a hint for the lock set.
+    fn peek_child(&self, pm: &mut dyn Pm, dir: Ino, name: &[u8]) -> Option<Ino> {
+        let mut d = self.peek_inode(pm, dir).filter(Inode::is_dir)?;
+        self.dir_find(pm, &mut d, name)
+            .ok()
+            .flatten()
+            .map(|f| f.ino)
+    }
+
+    /// Unlocked look for a free inode, from the allocation hint on: a hint for the lock set.
+    fn peek_free(&self, pm: &mut dyn Pm) -> Option<Ino> {
+        let g = self.geo().ok()?;
+        let mut sb = [0u8; 64];
+        pm.bread(BlockNo(0), 0, &mut sb).ok()?;
+        let hint = get_u64(&sb, 40);
+        let start = if (1..=g.ninodes).contains(&hint) {
+            hint - 1
+        } else {
+            0
+        };
+        let per = (g.bs / INODE_SIZE) as u64;
+        let mut buf = vec![0u8; g.bs];
+        let mut loaded = u64::MAX;
+        for k in 0..g.ninodes {
+            let idx = (start + k) % g.ninodes;
+            if idx / per != loaded {
+                loaded = idx / per;
+                pm.bread(BlockNo(1 + loaded), 0, &mut buf).ok()?;
+            }
+            if get_u32(&buf, (idx % per) as usize * INODE_SIZE) == 0 {
+                return Some(Ino(idx + 1));
+            }
+        }
+        None
+    }
+
+    /// Allocates an inode: `cand` (locked by the caller with the rest of its set) if it is
+    /// still free, else the lowest free one above every held lock. Takes `SUPER_LOCK`.
+    fn ialloc(
+        &self,
+        pm: &mut dyn Pm,
+        l: &mut Locks,
+        cand: Option<Ino>,
+        mode: u32,
+        ctx: &Ctx,
+    ) -> FsResult<(Ino, Inode)> {
+        let g = self.geo()?;
+        let mut found = None;
+        if let Some(c) = cand
+            && l.holds(LockId(c.0))
+        {
+            let old = self.iget_raw(pm, c)?;
+            if old.mode == 0 {
+                found = Some((c, old));
+            }
+        }
+        if found.is_none() {
+            // The peeked inode was taken meanwhile: only inodes above every lock held can
+            // still be locked in order.
+            for k in l.top_ino() + 1..=g.ninodes {
+                let ino = Ino(k);
+                if self.iget_raw(pm, ino).is_ok_and(|i| i.mode == 0) {
+                    self.lock_ino(pm, l, ino)?;
+                    let old = self.iget_raw(pm, ino)?;
+                    if old.mode == 0 {
+                        found = Some((ino, old));
+                        break;
+                    }
+                }
+            }
+        }
+        l.lock(pm, SUPER_LOCK)?;
+        let mut sb = self.read_super(pm)?;
+        let Some((ino, old)) = found else {
+            // Free inodes below the locks held (a concurrent change moved us past them):
+            // let the kernel retry.
+            return Err(if sb.free_inodes == 0 {
+                Errno::ENOSPC
+            } else {
+                ESTALE
+            });
+        };
+        if sb.free_inodes == 0 {
+            return Err(Errno::EUCLEAN);
+        }
+        let now = pm.now();
+        let i = Inode {
+            mode,
+            nlink: 1,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            generation: old.generation.wrapping_add(1),
+            ..Inode::default()
+        };
+        self.iput(pm, ino, &i)?;
+        sb.free_inodes -= 1;
+        sb.hint = ino.0 % g.ninodes + 1;
+        Self::write_super(pm, &sb)?;
+        Ok((ino, i))
+    }
+
+    /// Frees an inode and all its blocks (caller holds its lock). Takes `SUPER_LOCK`.
+    fn ifree(&self, pm: &mut dyn Pm, l: &mut Locks, ino: Ino, mut i: Inode) -> FsResult<()> {
         self.trunc_blocks(pm, &mut i, 0)?;
         let freed = Inode {
             generation: i.generation,
             ..Inode::default()
         };
         self.iput(pm, ino, &freed)?;
-        let mut sb = Self::read_super(pm)?;
+        l.lock(pm, SUPER_LOCK)?;
+        let mut sb = self.read_super(pm)?;
+        if sb.free_inodes >= sb.ninodes {
+            return Err(Errno::EUCLEAN);
+        }
         sb.free_inodes += 1;
         Self::write_super(pm, &sb)
     }
 
     /// Drops a name's link; frees the node when no name and no open file refer to it.
-    fn drop_link(&self, pm: &mut dyn Pm, ino: Ino, mut i: Inode) -> FsResult<()> {
+    fn drop_link(&self, pm: &mut dyn Pm, l: &mut Locks, ino: Ino, mut i: Inode) -> FsResult<()> {
         i.nlink = i.nlink.saturating_sub(if i.is_dir() { i.nlink } else { 1 });
         i.ctime = pm.now();
         if i.nlink == 0 && pm.refs(ino) == 0 {
-            self.ifree(pm, ino, i)
+            self.ifree(pm, l, ino, i)
         } else {
             self.iput(pm, ino, &i)
         }
-    }
-
-    /// Largest file, in blocks (4 KiB blocks: about 512 GiB).
-    fn max_blocks(&self) -> FsResult<u64> {
-        let per = self.per_ptr()?;
-        Ok(NDIRECT as u64 + per + per * per + per * per * per)
     }
 
     fn per_ptr(&self) -> FsResult<u64> {
         Ok((self.geo()?.bs / 8) as u64)
     }
 
-    fn read_ptr(pm: &mut dyn Pm, b: u64, idx: u64) -> FsResult<u64> {
+    /// Entry `idx` of pointer block `b`, checked.
+    fn read_ptr(&self, pm: &mut dyn Pm, b: u64, idx: u64) -> FsResult<u64> {
         let mut buf = [0u8; 8];
         pm.bread(BlockNo(b), idx as usize * 8, &mut buf)?;
-        Ok(u64::from_le_bytes(buf))
+        let p = u64::from_le_bytes(buf);
+        if p != 0 && !self.geo()?.data_blk(p) {
+            return Err(Errno::EUCLEAN);
+        }
+        Ok(p)
     }
 
     fn alloc_blk(pm: &mut dyn Pm, i: &mut Inode) -> FsResult<u64> {
@@ -366,7 +661,7 @@ impl Smfs {
             i.ptr[root_idx] = cur;
         }
         for idx in path {
-            let mut next = Self::read_ptr(pm, cur, idx)?;
+            let mut next = self.read_ptr(pm, cur, idx)?;
             if next == 0 {
                 if !alloc {
                     return Ok(None);
@@ -390,27 +685,32 @@ impl Smfs {
         start: u64,
     ) -> FsResult<bool> {
         if level > 0 {
+            let g = self.geo()?;
             let per = self.per_ptr()?;
             let span = per.pow(level - 1);
-            let bs = self.geo()?.bs;
-            let mut buf = vec![0u8; bs];
+            let mut buf = vec![0u8; g.bs];
             pm.bread(BlockNo(blk), 0, &mut buf)?;
-            let mut changed = false;
+            // The run of pointers zeroed here: only those bytes are written back.
+            let mut changed: Option<(usize, usize)> = None;
             for j in 0..per {
                 if (j + 1) * span <= start {
                     continue;
                 }
                 let child = get_u64(&buf, j as usize * 8);
+                if child != 0 && !g.data_blk(child) {
+                    return Err(Errno::EUCLEAN);
+                }
                 if child != 0
                     && self.trunc_tree(pm, i, child, level - 1, start.saturating_sub(j * span))?
                 {
                     put_u64(&mut buf, j as usize * 8, 0);
-                    changed = true;
+                    let j = j as usize;
+                    changed = Some(changed.map_or((j, j), |(lo, _)| (lo, j)));
                 }
             }
             if start > 0 {
-                if changed {
-                    pm.bwrite(BlockNo(blk), 0, &buf)?;
+                if let Some((lo, hi)) = changed {
+                    pm.bwrite(BlockNo(blk), lo * 8, &buf[lo * 8..(hi + 1) * 8])?;
                 }
                 return Ok(false);
             }
@@ -448,9 +748,9 @@ impl Smfs {
     /// Sets the size, freeing blocks beyond it and zeroing the tail of the last kept block so
     /// a later extension reads zeros.
     fn set_size(&self, pm: &mut dyn Pm, i: &mut Inode, size: u64) -> FsResult<()> {
-        let bs = self.geo()?.bs as u64;
-        let max = self.max_blocks()? * bs;
-        if size > max {
+        let g = self.geo()?;
+        let bs = g.bs as u64;
+        if size > g.max_bytes() {
             return Err(Errno::EFBIG);
         }
         if size < i.size {
@@ -494,10 +794,10 @@ impl Smfs {
     }
 
     fn write_data(&self, pm: &mut dyn Pm, i: &mut Inode, offset: u64, data: &[u8]) -> FsResult<()> {
-        let bs = self.geo()?.bs as u64;
+        let g = self.geo()?;
+        let bs = g.bs as u64;
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
-        let max = self.max_blocks()? * bs;
-        if end > max {
+        if end > g.max_bytes() {
             return Err(Errno::EFBIG);
         }
         let mut pos = offset;
@@ -520,31 +820,30 @@ impl Smfs {
         Ok((self.geo()?.bs / DIRENT_SIZE) as u64)
     }
 
-    fn nslots(&self, d: &Inode) -> u64 {
-        d.size / DIRENT_SIZE as u64
+    fn nslots(&self, d: &Inode) -> FsResult<u64> {
+        Ok(d.size / DIRENT_SIZE as u64)
     }
 
     /// Calls `f(slot, ino, kind, name)` for every used slot from `first` on, until it returns
-    /// `Some`.
+    /// `Some`. Checks every used entry it passes.
     fn scan_dir<T>(
         &self,
         pm: &mut dyn Pm,
         d: &mut Inode,
         first: u64,
-        mut f: impl FnMut(u64, Ino, u8, &[u8]) -> Option<T>,
+        mut f: impl FnMut(u64, Ino, FileKind, &[u8]) -> Option<T>,
     ) -> FsResult<Option<T>> {
+        let g = self.geo()?;
         let spb = self.slots_per_block()?;
-        let n = self.nslots(d);
-        let bs = self.geo()?.bs;
-        let mut buf = vec![0u8; bs];
+        let n = self.nslots(d)?;
+        let mut buf = vec![0u8; g.bs];
         let mut loaded = u64::MAX;
         for slot in first..n {
             let lbn = slot / spb;
             if lbn != loaded {
-                match self.bmap(pm, d, lbn, false)? {
-                    Some(b) => pm.bread(BlockNo(b), 0, &mut buf)?,
-                    None => buf.fill(0),
-                }
+                // A directory has no holes.
+                let b = self.bmap(pm, d, lbn, false)?.ok_or(Errno::EUCLEAN)?;
+                pm.bread(BlockNo(b), 0, &mut buf)?;
                 loaded = lbn;
             }
             let o = (slot % spb) as usize * DIRENT_SIZE;
@@ -552,8 +851,14 @@ impl Smfs {
             if ino == 0 {
                 continue;
             }
-            let len = (buf[o + 9] as usize).min(NAME_MAX);
-            if let Some(t) = f(slot, Ino(ino), buf[o + 8], &buf[o + 10..o + 10 + len]) {
+            let len = buf[o + 9] as usize;
+            let name = &buf[o + 10..o + 10 + len];
+            let kind = kind_from_code(buf[o + 8]);
+            if ino > g.ninodes || len == 0 || name.contains(&b'/') || name.contains(&0) {
+                return Err(Errno::EUCLEAN);
+            }
+            let kind = kind.ok_or(Errno::EUCLEAN)?;
+            if let Some(t) = f(slot, Ino(ino), kind, name) {
                 return Ok(Some(t));
             }
         }
@@ -561,8 +866,8 @@ impl Smfs {
     }
 
     fn dir_find(&self, pm: &mut dyn Pm, d: &mut Inode, name: &[u8]) -> FsResult<Option<Found>> {
-        self.scan_dir(pm, d, 0, |slot, ino, _, n| {
-            (n == name).then_some(Found { slot, ino })
+        self.scan_dir(pm, d, 0, |slot, ino, kind, n| {
+            (n == name).then_some(Found { slot, ino, kind })
         })
     }
 
@@ -587,7 +892,7 @@ impl Smfs {
 
     fn clear_slot(&self, pm: &mut dyn Pm, d: &mut Inode, slot: u64) -> FsResult<()> {
         let spb = self.slots_per_block()?;
-        let b = self.bmap(pm, d, slot / spb, false)?.ok_or(Errno::EIO)?;
+        let b = self.bmap(pm, d, slot / spb, false)?.ok_or(Errno::EUCLEAN)?;
         pm.bwrite(
             BlockNo(b),
             (slot % spb) as usize * DIRENT_SIZE,
@@ -605,16 +910,14 @@ impl Smfs {
         kind: FileKind,
     ) -> FsResult<()> {
         let spb = self.slots_per_block()?;
-        let n = self.nslots(d);
+        let n = self.nslots(d)?;
         let bs = self.geo()?.bs;
         let mut free = None;
         let mut buf = vec![0u8; bs];
         let mut lbn = 0;
         while lbn * spb < n && free.is_none() {
-            match self.bmap(pm, d, lbn, false)? {
-                Some(b) => pm.bread(BlockNo(b), 0, &mut buf)?,
-                None => buf.fill(0),
-            }
+            let b = self.bmap(pm, d, lbn, false)?.ok_or(Errno::EUCLEAN)?;
+            pm.bread(BlockNo(b), 0, &mut buf)?;
             for k in 0..spb {
                 let slot = lbn * spb + k;
                 if slot < n && get_u64(&buf, k as usize * DIRENT_SIZE) == 0 {
@@ -639,6 +942,16 @@ impl Smfs {
         Ok(self.scan_dir(pm, d, 0, |_, _, _, _| Some(()))?.is_none())
     }
 
+    /// Only a regular file's data is written or truncated through the file API (a symlink's
+    /// target is set once; a device's or fifo's data is not ours).
+    fn check_regular(i: &Inode) -> FsResult<()> {
+        match i.kind()? {
+            FileKind::File => Ok(()),
+            FileKind::Dir => Err(Errno::EISDIR),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
     fn dir(&self, pm: &mut dyn Pm, ino: Ino) -> FsResult<Inode> {
         let d = self.iget(pm, ino)?;
         if !d.is_dir() {
@@ -648,6 +961,8 @@ impl Smfs {
     }
 
     /// Creates a node of `mode` named `name` in `parent`; `fill` sets kind-specific fields.
+    /// With `open`, also takes a node reference (create).
+    #[allow(clippy::too_many_arguments)]
     fn make_node(
         &self,
         pm: &mut dyn Pm,
@@ -655,11 +970,14 @@ impl Smfs {
         parent: Ino,
         name: &[u8],
         mode: u32,
+        open: bool,
         fill: impl FnOnce(&Self, &mut dyn Pm, Ino, &mut Inode) -> FsResult<()>,
     ) -> FsResult<Attr> {
         check_name(name)?;
         let kind = FileKind::from_mode(mode).ok_or(Errno::EINVAL)?;
-        locked(pm, LockId(parent.0), |pm| {
+        request(pm, |pm, l| {
+            let cand = self.peek_free(pm);
+            self.lock_inos(pm, l, &[Some(parent), cand])?;
             let mut d = self.dir(pm, parent)?;
             if d.nlink == 0 {
                 return Err(Errno::ENOENT);
@@ -678,7 +996,7 @@ impl Smfs {
                     mode |= libc::S_ISGID;
                 }
             }
-            let (ino, mut i) = self.ialloc(pm, mode, &c)?;
+            let (ino, mut i) = self.ialloc(pm, l, cand, mode, &c)?;
             fill(self, pm, ino, &mut i)?;
             if kind == FileKind::Dir {
                 i.nlink = 2;
@@ -688,16 +1006,22 @@ impl Smfs {
             self.iput(pm, ino, &i)?;
             self.dir_add(pm, &mut d, name, ino, kind)?;
             self.iput(pm, parent, &d)?;
+            if open {
+                pm.vref(ino)?;
+            }
             i.attr(ino)
         })
     }
 
     fn remove(&self, pm: &mut dyn Pm, parent: Ino, name: &[u8], want_dir: bool) -> FsResult<()> {
         check_name(name)?;
-        locked(pm, LockId(parent.0), |pm| {
+        request(pm, |pm, l| {
+            let peek = self.peek_child(pm, parent, name);
+            self.lock_inos(pm, l, &[Some(parent), peek])?;
             let mut d = self.dir(pm, parent)?;
             let f = self.dir_find(pm, &mut d, name)?.ok_or(Errno::ENOENT)?;
-            let mut i = self.iget(pm, f.ino)?;
+            self.lock_ino(pm, l, f.ino)?;
+            let mut i = self.iget_named(pm, f.ino, f.kind)?;
             if want_dir {
                 if !i.is_dir() {
                     return Err(Errno::ENOTDIR);
@@ -705,7 +1029,7 @@ impl Smfs {
                 if !self.dir_is_empty(pm, &mut i)? {
                     return Err(Errno::ENOTEMPTY);
                 }
-                d.nlink -= 1;
+                d.nlink = d.nlink.checked_sub(1).ok_or(Errno::EUCLEAN)?;
             } else if i.is_dir() {
                 return Err(Errno::EISDIR);
             }
@@ -715,26 +1039,23 @@ impl Smfs {
             d.ctime = now;
             self.iput(pm, parent, &d)?;
             i.ctime = now;
-            self.drop_link(pm, f.ino, i)
+            self.drop_link(pm, l, f.ino, i)
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn do_rename(
         &self,
         pm: &mut dyn Pm,
+        l: &mut Locks,
         parent: Ino,
         name: &[u8],
         newparent: Ino,
         newname: &[u8],
         flags: u32,
     ) -> FsResult<()> {
-        if flags & RENAME_EXCHANGE != 0 || flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 {
-            return Err(Errno::EINVAL);
-        }
         let mut d1 = self.dir(pm, parent)?;
         let src = self.dir_find(pm, &mut d1, name)?.ok_or(Errno::ENOENT)?;
-        let mut si = self.iget(pm, src.ino)?;
-        let kind = si.kind()?;
         let same_dir = parent == newparent;
         let mut d2 = if same_dir {
             d1
@@ -742,6 +1063,12 @@ impl Smfs {
             self.dir(pm, newparent)?
         };
         let dst = self.dir_find(pm, &mut d2, newname)?;
+        self.lock_ino(pm, l, src.ino)?;
+        if let Some(t) = dst {
+            self.lock_ino(pm, l, t.ino)?;
+        }
+        let mut si = self.iget_named(pm, src.ino, src.kind)?;
+        let kind = src.kind;
         let now = pm.now();
         if let Some(t) = dst {
             if flags & RENAME_NOREPLACE != 0 {
@@ -750,7 +1077,7 @@ impl Smfs {
             if t.ino == src.ino {
                 return Ok(());
             }
-            let mut ti = self.iget(pm, t.ino)?;
+            let mut ti = self.iget_named(pm, t.ino, t.kind)?;
             match (si.is_dir(), ti.is_dir()) {
                 (true, false) => return Err(Errno::ENOTDIR),
                 (false, true) => return Err(Errno::EISDIR),
@@ -758,14 +1085,14 @@ impl Smfs {
                     if !self.dir_is_empty(pm, &mut ti)? {
                         return Err(Errno::ENOTEMPTY);
                     }
-                    d2.nlink -= 1;
+                    d2.nlink = d2.nlink.checked_sub(1).ok_or(Errno::EUCLEAN)?;
                 }
                 (false, false) => {}
             }
             // Reuse the target's slot: the name never disappears, as rename(2) promises.
             self.write_slot(pm, &mut d2, t.slot, src.ino, kind, newname)?;
             ti.ctime = now;
-            self.drop_link(pm, t.ino, ti)?;
+            self.drop_link(pm, l, t.ino, ti)?;
         } else {
             if si.is_dir() && d2.nlink >= LINK_MAX {
                 return Err(Errno::EMLINK);
@@ -778,7 +1105,7 @@ impl Smfs {
         self.clear_slot(pm, &mut d1, src.slot)?;
         if si.is_dir() && !same_dir {
             si.rdev = newparent.0 as u32;
-            d1.nlink -= 1;
+            d1.nlink = d1.nlink.checked_sub(1).ok_or(Errno::EUCLEAN)?;
             d2.nlink += 1;
         }
         si.ctime = now;
@@ -787,10 +1114,8 @@ impl Smfs {
         d1.ctime = now;
         d2.mtime = now;
         d2.ctime = now;
-        if same_dir {
-            self.iput(pm, parent, &d1)?;
-        } else {
-            self.iput(pm, parent, &d1)?;
+        self.iput(pm, parent, &d1)?;
+        if !same_dir {
             self.iput(pm, newparent, &d2)?;
         }
         Ok(())
@@ -809,16 +1134,17 @@ fn kind_code(k: FileKind) -> u8 {
     }
 }
 
-fn kind_from_code(c: u8) -> FileKind {
-    match c {
+fn kind_from_code(c: u8) -> Option<FileKind> {
+    Some(match c {
+        1 => FileKind::File,
         2 => FileKind::Dir,
         3 => FileKind::Symlink,
         4 => FileKind::Fifo,
         5 => FileKind::CharDev,
         6 => FileKind::BlockDev,
         7 => FileKind::Socket,
-        _ => FileKind::File,
-    }
+        _ => return None,
+    })
 }
 
 fn apply_time(t: TimeSet, now: Timespec) -> Timespec {
@@ -861,32 +1187,55 @@ impl Module for Smfs {
                 hint: 1,
             },
         )?;
-        self.geo = Some(Geometry { bs, ninodes });
+        self.geo = Some(Geometry {
+            bs,
+            ninodes,
+            itable_blocks,
+            nblocks,
+        });
         let root_ctx = Ctx {
             uid: 0,
             gid: 0,
             pid: 0,
         };
-        let (ino, mut root) = self.ialloc(pm, libc::S_IFDIR | 0o755, &root_ctx)?;
-        if ino != Ino::ROOT {
-            return Err(Errno::EIO);
-        }
-        root.nlink = 2;
-        root.rdev = Ino::ROOT.0 as u32;
-        self.iput(pm, ino, &root)
+        request(pm, |pm, l| {
+            self.lock_ino(pm, l, Ino::ROOT)?;
+            let (ino, mut root) =
+                self.ialloc(pm, l, Some(Ino::ROOT), libc::S_IFDIR | 0o755, &root_ctx)?;
+            if ino != Ino::ROOT {
+                return Err(Errno::EIO);
+            }
+            root.nlink = 2;
+            root.rdev = Ino::ROOT.0 as u32;
+            self.iput(pm, ino, &root)
+        })
     }
 
     fn attach(&mut self, pm: &mut dyn Pm) -> FsResult<()> {
-        let sb = Self::read_super(pm)?;
+        // No lock (attach is not a request): the geometry never changes, and a superblock
+        // torn by a concurrent allocation is read again.
+        let mut b = [0u8; 64];
+        let mut sb = Err(Errno::EUCLEAN);
+        for _ in 0..3 {
+            pm.bread(BlockNo(0), 0, &mut b)?;
+            sb = Self::decode_super(&b);
+            if sb.is_ok() {
+                break;
+            }
+        }
+        let sb = sb?;
         let bs = pm.block_size();
         if sb.itable_blocks != sb.ninodes.div_ceil((bs / INODE_SIZE) as u64)
             || sb.itable_blocks >= pm.nblocks()
+            || get_u32(&b, 12) as usize != bs
         {
             return Err(Errno::EUCLEAN);
         }
         self.geo = Some(Geometry {
             bs,
             ninodes: sb.ninodes,
+            itable_blocks: sb.itable_blocks,
+            nblocks: pm.nblocks(),
         });
         Ok(())
     }
@@ -895,27 +1244,44 @@ impl Module for Smfs {
         if name.len() > NAME_MAX {
             return Err(Errno::ENAMETOOLONG);
         }
-        let mut d = self.dir(pm, parent)?;
-        let ino = match name {
-            b"." => parent,
-            b".." => Ino(u64::from(d.rdev)),
-            _ => self.dir_find(pm, &mut d, name)?.ok_or(Errno::ENOENT)?.ino,
-        };
-        self.iget(pm, ino)?.attr(ino)
+        request(pm, |pm, l| {
+            let peek = match name {
+                b"." => None,
+                b".." => self.peek_inode(pm, parent).map(|d| Ino(u64::from(d.rdev))),
+                _ => self.peek_child(pm, parent, name),
+            };
+            self.lock_inos(pm, l, &[Some(parent), peek])?;
+            let mut d = self.dir(pm, parent)?;
+            if d.nlink == 0 {
+                return Err(Errno::ENOENT);
+            }
+            let (ino, kind) = match name {
+                b"." => (parent, FileKind::Dir),
+                b".." => (Ino(u64::from(d.rdev)), FileKind::Dir),
+                _ => {
+                    let f = self.dir_find(pm, &mut d, name)?.ok_or(Errno::ENOENT)?;
+                    (f.ino, f.kind)
+                }
+            };
+            self.lock_ino(pm, l, ino)?;
+            self.iget_named(pm, ino, kind)?.attr(ino)
+        })
     }
 
     fn getattr(&mut self, pm: &mut dyn Pm, ino: Ino) -> FsResult<Attr> {
-        self.iget(pm, ino)?.attr(ino)
+        request(pm, |pm, l| {
+            self.lock_ino(pm, l, ino)?;
+            self.iget(pm, ino)?.attr(ino)
+        })
     }
 
     fn setattr(&mut self, pm: &mut dyn Pm, _ctx: &Ctx, ino: Ino, set: &SetAttr) -> FsResult<Attr> {
-        locked(pm, LockId(ino.0), |pm| {
+        request(pm, |pm, l| {
+            self.lock_ino(pm, l, ino)?;
             let mut i = self.iget(pm, ino)?;
             let now = pm.now();
             if let Some(size) = set.size {
-                if i.is_dir() {
-                    return Err(Errno::EISDIR);
-                }
+                Self::check_regular(&i)?;
                 self.set_size(pm, &mut i, size)?;
                 if set.mtime.is_none() {
                     i.mtime = now;
@@ -950,11 +1316,14 @@ impl Module for Smfs {
         offset: u64,
         size: u32,
     ) -> FsResult<Vec<u8>> {
-        let mut i = self.iget(pm, ino)?;
-        if i.is_dir() {
-            return Err(Errno::EISDIR);
-        }
-        self.read_data(pm, &mut i, offset, size as usize)
+        request(pm, |pm, l| {
+            self.lock_ino(pm, l, ino)?;
+            let mut i = self.iget(pm, ino)?;
+            if i.is_dir() {
+                return Err(Errno::EISDIR);
+            }
+            self.read_data(pm, &mut i, offset, size as usize)
+        })
     }
 
     fn write(
@@ -965,11 +1334,10 @@ impl Module for Smfs {
         offset: u64,
         data: &[u8],
     ) -> FsResult<u32> {
-        locked(pm, LockId(ino.0), |pm| {
+        request(pm, |pm, l| {
+            self.lock_ino(pm, l, ino)?;
             let mut i = self.iget(pm, ino)?;
-            if i.is_dir() {
-                return Err(Errno::EISDIR);
-            }
+            Self::check_regular(&i)?;
             self.write_data(pm, &mut i, offset, data)?;
             let now = pm.now();
             i.mtime = now;
@@ -990,8 +1358,7 @@ impl Module for Smfs {
         _flags: i32,
     ) -> FsResult<(Attr, Fh)> {
         let mode = libc::S_IFREG | (mode & 0o7777 & !umask);
-        let attr = self.make_node(pm, ctx, parent, name, mode, |_, _, _, _| Ok(()))?;
-        pm.vref(attr.ino)?;
+        let attr = self.make_node(pm, ctx, parent, name, mode, true, |_, _, _, _| Ok(()))?;
         Ok((attr, Fh(0)))
     }
 
@@ -1010,7 +1377,7 @@ impl Module for Smfs {
             return Err(Errno::EINVAL);
         }
         let mode = (mode & libc::S_IFMT) | (mode & 0o7777 & !umask);
-        self.make_node(pm, ctx, parent, name, mode, |_, _, _, i| {
+        self.make_node(pm, ctx, parent, name, mode, false, |_, _, _, i| {
             i.rdev = rdev;
             Ok(())
         })
@@ -1026,7 +1393,7 @@ impl Module for Smfs {
         umask: u32,
     ) -> FsResult<Attr> {
         let mode = libc::S_IFDIR | (mode & 0o7777 & !umask);
-        self.make_node(pm, ctx, parent, name, mode, |_, _, _, _| Ok(()))
+        self.make_node(pm, ctx, parent, name, mode, false, |_, _, _, _| Ok(()))
     }
 
     fn unlink(&mut self, pm: &mut dyn Pm, _ctx: &Ctx, parent: Ino, name: &[u8]) -> FsResult<()> {
@@ -1049,8 +1416,15 @@ impl Module for Smfs {
     ) -> FsResult<()> {
         check_name(name)?;
         check_name(newname)?;
-        locked(pm, RENAME_LOCK, |pm| {
-            self.do_rename(pm, parent, name, newparent, newname, flags)
+        if flags & RENAME_EXCHANGE != 0 || flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        request(pm, |pm, l| {
+            l.lock(pm, RENAME_LOCK)?;
+            let s = self.peek_child(pm, parent, name);
+            let t = self.peek_child(pm, newparent, newname);
+            self.lock_inos(pm, l, &[Some(parent), Some(newparent), s, t])?;
+            self.do_rename(pm, l, parent, name, newparent, newname, flags)
         })
     }
 
@@ -1063,7 +1437,8 @@ impl Module for Smfs {
         newname: &[u8],
     ) -> FsResult<Attr> {
         check_name(newname)?;
-        locked(pm, LockId(newparent.0), |pm| {
+        request(pm, |pm, l| {
+            self.lock_inos(pm, l, &[Some(ino), Some(newparent)])?;
             let mut i = self.iget(pm, ino)?;
             if i.is_dir() {
                 return Err(Errno::EPERM);
@@ -1098,7 +1473,7 @@ impl Module for Smfs {
         if target.is_empty() {
             return Err(Errno::ENOENT);
         }
-        if target.len() >= 4096 {
+        if target.len() as u64 >= SYMLINK_MAX {
             return Err(Errno::ENAMETOOLONG);
         }
         self.make_node(
@@ -1107,32 +1482,42 @@ impl Module for Smfs {
             parent,
             name,
             libc::S_IFLNK | 0o777,
+            false,
             |me, pm, _, i| me.write_data(pm, i, 0, target),
         )
     }
 
     fn readlink(&mut self, pm: &mut dyn Pm, ino: Ino) -> FsResult<Vec<u8>> {
-        let mut i = self.iget(pm, ino)?;
-        if i.kind()? != FileKind::Symlink {
-            return Err(Errno::EINVAL);
-        }
-        let n = i.size as usize;
-        self.read_data(pm, &mut i, 0, n)
+        request(pm, |pm, l| {
+            self.lock_ino(pm, l, ino)?;
+            let mut i = self.iget(pm, ino)?;
+            if i.kind()? != FileKind::Symlink {
+                return Err(Errno::EINVAL);
+            }
+            let n = i.size as usize;
+            self.read_data(pm, &mut i, 0, n)
+        })
     }
 
     fn open(&mut self, pm: &mut dyn Pm, _ctx: &Ctx, ino: Ino, _flags: i32) -> FsResult<Fh> {
-        self.iget(pm, ino)?;
-        pm.vref(ino)?;
-        Ok(Fh(0))
+        request(pm, |pm, l| {
+            self.lock_ino(pm, l, ino)?;
+            self.iget(pm, ino)?;
+            pm.vref(ino)?;
+            Ok(Fh(0))
+        })
     }
 
     fn release(&mut self, pm: &mut dyn Pm, ino: Ino, _fh: Fh) -> FsResult<()> {
-        let left = pm.vrele(ino)?;
-        let i = self.iget_raw(pm, ino)?;
-        if left == 0 && i.mode != 0 && i.nlink == 0 {
-            self.ifree(pm, ino, i)?;
-        }
-        Ok(())
+        request(pm, |pm, l| {
+            self.lock_ino(pm, l, ino)?;
+            let left = pm.vrele(ino)?;
+            let i = self.iget_raw(pm, ino)?;
+            if left == 0 && i.mode != 0 && i.nlink == 0 {
+                self.ifree(pm, l, ino, i)?;
+            }
+            Ok(())
+        })
     }
 
     fn readdir(
@@ -1142,61 +1527,78 @@ impl Module for Smfs {
         offset: u64,
         max: usize,
     ) -> FsResult<Vec<DirEntry>> {
-        let mut d = self.dir(pm, ino)?;
-        let mut out = Vec::new();
-        if offset == 0 {
-            out.push(DirEntry {
-                ino,
-                offset: 1,
-                kind: FileKind::Dir,
-                name: b".".to_vec(),
-            });
-        }
-        if offset <= 1 {
-            out.push(DirEntry {
-                ino: Ino(u64::from(d.rdev)),
-                offset: 2,
-                kind: FileKind::Dir,
-                name: b"..".to_vec(),
-            });
-        }
-        let first = offset.saturating_sub(2);
-        self.scan_dir(pm, &mut d, first, |slot, ino, kind, name| {
-            if out.len() >= max {
-                return Some(());
+        request(pm, |pm, l| {
+            self.lock_ino(pm, l, ino)?;
+            let mut d = self.dir(pm, ino)?;
+            let mut out = Vec::new();
+            if offset == 0 {
+                out.push(DirEntry {
+                    ino,
+                    offset: 1,
+                    kind: FileKind::Dir,
+                    name: b".".to_vec(),
+                });
             }
-            out.push(DirEntry {
-                ino,
-                offset: slot + 3,
-                kind: kind_from_code(kind),
-                name: name.to_vec(),
-            });
-            None
-        })?;
-        Ok(out)
+            if offset <= 1 {
+                out.push(DirEntry {
+                    ino: Ino(u64::from(d.rdev)),
+                    offset: 2,
+                    kind: FileKind::Dir,
+                    name: b"..".to_vec(),
+                });
+            }
+            let first = offset.saturating_sub(2);
+            self.scan_dir(pm, &mut d, first, |slot, ino, kind, name| {
+                if out.len() >= max {
+                    return Some(());
+                }
+                out.push(DirEntry {
+                    ino,
+                    offset: slot + 3,
+                    kind,
+                    name: name.to_vec(),
+                });
+                None
+            })?;
+            Ok(out)
+        })
     }
 
     fn statfs(&mut self, pm: &mut dyn Pm) -> FsResult<StatFs> {
-        let sb = Self::read_super(pm)?;
-        let free = pm.free_blocks();
-        Ok(StatFs {
-            blocks: pm.nblocks(),
-            bfree: free,
-            bavail: free,
-            files: sb.ninodes,
-            ffree: sb.free_inodes,
-            bsize: pm.block_size() as u32,
-            namelen: NAME_MAX as u32,
+        request(pm, |pm, l| {
+            l.lock(pm, SUPER_LOCK)?;
+            let sb = self.read_super(pm)?;
+            let free = pm.free_blocks();
+            Ok(StatFs {
+                blocks: pm.nblocks(),
+                bfree: free,
+                bavail: free,
+                files: sb.ninodes,
+                ffree: sb.free_inodes,
+                bsize: pm.block_size() as u32,
+                namelen: NAME_MAX as u32,
+            })
         })
     }
 
     fn fsync(&mut self, pm: &mut dyn Pm, ino: Ino, _fh: Fh, _datasync: bool) -> FsResult<()> {
         // A RAM disk: data is in the host's store as soon as a write returns.
-        self.iget(pm, ino).map(drop)
+        request(pm, |pm, l| {
+            self.lock_ino(pm, l, ino)?;
+            self.iget(pm, ino).map(drop)
+        })
     }
 
     fn flush(&mut self, _pm: &mut dyn Pm, _ino: Ino, _fh: Fh) -> FsResult<()> {
         Ok(())
+    }
+
+    fn sites(&self) -> &'static [Site] {
+        SITES
+    }
+
+    fn fsck(&mut self, pm: &mut dyn Pm) -> FsResult<Vec<FsckProblem>> {
+        fsck::check(pm)
     }
 }
 

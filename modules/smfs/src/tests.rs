@@ -209,3 +209,628 @@ fn files_beyond_2gib_use_the_triple_indirect_block() {
         "truncate freed every pointer block"
     );
 }
+
+// ---- Recording protection manager, random workloads ----
+
+use std::collections::{BTreeSet, HashMap};
+
+use proptest::prelude::*;
+
+/// A `MemPm` that checks, on every call, what the locking contract demands: within one
+/// request, each new lock ranks above every lock taken before it (unlock is deferred, so
+/// "before" means anywhere earlier in the request); writes to the superblock and inode table
+/// are exactly one field set / one inode slot. It also records the fault sites asked about and
+/// can arm one.
+struct Rec {
+    pm: MemPm,
+    /// Locks taken in the current request, in order.
+    taken: Vec<LockId>,
+    itable_blocks: u64,
+    sites: BTreeSet<u32>,
+    armed: Option<u32>,
+}
+
+impl Rec {
+    fn new(pm: MemPm, itable_blocks: u64) -> Rec {
+        Rec {
+            pm,
+            taken: Vec::new(),
+            itable_blocks,
+            sites: BTreeSet::new(),
+            armed: None,
+        }
+    }
+    /// A new request begins.
+    fn begin(&mut self) {
+        self.taken.clear();
+    }
+}
+
+impl Pm for Rec {
+    fn block_size(&self) -> usize {
+        self.pm.block_size()
+    }
+    fn nblocks(&self) -> u64 {
+        self.pm.nblocks()
+    }
+    fn free_blocks(&self) -> u64 {
+        self.pm.free_blocks()
+    }
+    fn bread(&mut self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
+        self.pm.bread(b, off, buf)
+    }
+    fn bwrite(&mut self, b: BlockNo, off: usize, data: &[u8]) -> FsResult<()> {
+        if b.0 == 0 {
+            assert_eq!(
+                (off, data.len()),
+                (0, 64),
+                "superblock write is its 64 bytes"
+            );
+        } else if b.0 <= self.itable_blocks {
+            assert!(
+                off.is_multiple_of(INODE_SIZE) && data.len() == INODE_SIZE,
+                "inode-table write at {off} of {} bytes is not one slot",
+                data.len()
+            );
+        }
+        self.pm.bwrite(b, off, data)
+    }
+    fn get_next_blk(&mut self) -> FsResult<BlockNo> {
+        self.pm.get_next_blk()
+    }
+    fn free_blk(&mut self, b: BlockNo) -> FsResult<()> {
+        self.pm.free_blk(b)
+    }
+    fn vref(&mut self, ino: Ino) -> FsResult<()> {
+        self.pm.vref(ino)
+    }
+    fn vrele(&mut self, ino: Ino) -> FsResult<u32> {
+        self.pm.vrele(ino)
+    }
+    fn refs(&self, ino: Ino) -> u32 {
+        self.pm.refs(ino)
+    }
+    fn lock(&mut self, l: LockId) -> FsResult<()> {
+        assert!(
+            !self.taken.contains(&l),
+            "lock {l:?} taken twice in one request: {:?}",
+            self.taken
+        );
+        if let Some(last) = self.taken.last() {
+            assert!(
+                lock_rank(l) > lock_rank(*last),
+                "lock order: {l:?} after {:?}",
+                self.taken
+            );
+        }
+        self.taken.push(l);
+        self.pm.lock(l)
+    }
+    fn unlock(&mut self, l: LockId) -> FsResult<()> {
+        self.pm.unlock(l)
+    }
+    fn now(&self) -> Timespec {
+        self.pm.now()
+    }
+    fn site(&mut self, id: u32) -> bool {
+        self.sites.insert(id);
+        self.armed == Some(id)
+    }
+}
+
+fn fresh_rec(nblocks: u64) -> (Smfs, Rec) {
+    let mut pm = MemPm::new(4096, nblocks);
+    let mut fs = Smfs::new();
+    fs.mkfs(&mut pm).unwrap();
+    let it = fs.geo.unwrap().itable_blocks;
+    (fs, Rec::new(pm, it))
+}
+
+/// One step of a random workload. Indices pick among the nodes seen so far.
+#[derive(Debug, Clone)]
+enum Op {
+    Create(usize, u8),
+    Mkdir(usize, u8),
+    Mknod(usize, u8),
+    Symlink(usize, u8, u8),
+    Write(usize, u32, u16),
+    Read(usize, u32, u16),
+    Truncate(usize, u32),
+    Chmod(usize, u16),
+    Unlink(usize, u8),
+    Rmdir(usize, u8),
+    Rename(usize, u8, usize, u8, bool),
+    Link(usize, usize, u8),
+    Lookup(usize, u8),
+    LookupDots(usize, bool),
+    Getattr(usize),
+    Readdir(usize, u8),
+    Readlink(usize),
+    Open(usize),
+    Release(usize),
+    Fsync(usize),
+    Statfs,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let i = 0usize..64;
+    let n = 0u8..6;
+    prop_oneof![
+        4 => (i.clone(), n.clone()).prop_map(|(a, b)| Op::Create(a, b)),
+        3 => (i.clone(), n.clone()).prop_map(|(a, b)| Op::Mkdir(a, b)),
+        1 => (i.clone(), n.clone()).prop_map(|(a, b)| Op::Mknod(a, b)),
+        1 => (i.clone(), n.clone(), 1u8..40).prop_map(|(a, b, c)| Op::Symlink(a, b, c)),
+        4 => (i.clone(), 0u32..200_000, 1u16..9000).prop_map(|(a, b, c)| Op::Write(a, b, c)),
+        2 => (i.clone(), 0u32..200_000, 1u16..9000).prop_map(|(a, b, c)| Op::Read(a, b, c)),
+        2 => (i.clone(), 0u32..100_000).prop_map(|(a, b)| Op::Truncate(a, b)),
+        1 => (i.clone(), 0u16..0o7777).prop_map(|(a, b)| Op::Chmod(a, b)),
+        3 => (i.clone(), n.clone()).prop_map(|(a, b)| Op::Unlink(a, b)),
+        2 => (i.clone(), n.clone()).prop_map(|(a, b)| Op::Rmdir(a, b)),
+        3 => (i.clone(), n.clone(), i.clone(), n.clone(), any::<bool>())
+            .prop_map(|(a, b, c, d, e)| Op::Rename(a, b, c, d, e)),
+        2 => (i.clone(), i.clone(), n.clone()).prop_map(|(a, b, c)| Op::Link(a, b, c)),
+        2 => (i.clone(), n.clone()).prop_map(|(a, b)| Op::Lookup(a, b)),
+        1 => (i.clone(), any::<bool>()).prop_map(|(a, b)| Op::LookupDots(a, b)),
+        1 => i.clone().prop_map(Op::Getattr),
+        1 => (i.clone(), 0u8..20).prop_map(|(a, b)| Op::Readdir(a, b)),
+        1 => i.clone().prop_map(Op::Readlink),
+        1 => i.clone().prop_map(Op::Open),
+        2 => i.clone().prop_map(Op::Release),
+        1 => i.clone().prop_map(Op::Fsync),
+        1 => Just(Op::Statfs),
+    ]
+}
+
+/// Drives a workload, keeping what a client would know: nodes seen, open references.
+struct Driver {
+    fs: Smfs,
+    pm: Rec,
+    nodes: Vec<Ino>,
+    dirs: Vec<Ino>,
+    opens: HashMap<Ino, u32>,
+}
+
+fn name(n: u8) -> Vec<u8> {
+    vec![b'a' + n]
+}
+
+impl Driver {
+    fn new(nblocks: u64) -> Driver {
+        let (fs, pm) = fresh_rec(nblocks);
+        Driver {
+            fs,
+            pm,
+            nodes: vec![Ino::ROOT],
+            dirs: vec![Ino::ROOT],
+            opens: HashMap::new(),
+        }
+    }
+    fn node(&self, i: usize) -> Ino {
+        self.nodes[i % self.nodes.len()]
+    }
+    fn dir(&self, i: usize) -> Ino {
+        self.dirs[i % self.dirs.len()]
+    }
+    fn saw(&mut self, a: &Attr) {
+        if !self.nodes.contains(&a.ino) {
+            self.nodes.push(a.ino);
+        }
+        if a.kind == FileKind::Dir && !self.dirs.contains(&a.ino) {
+            self.dirs.push(a.ino);
+        }
+    }
+    /// Is `anc` `d` or one of its ancestors? (Walks `..`; the kernel refuses such renames.)
+    fn is_ancestor(&mut self, anc: Ino, mut d: Ino) -> bool {
+        for _ in 0..1000 {
+            if d == anc {
+                return true;
+            }
+            if d == Ino::ROOT {
+                return false;
+            }
+            self.pm.begin();
+            match self.fs.lookup(&mut self.pm, &C, d, b"..") {
+                Ok(a) => d = a.ino,
+                Err(_) => return false,
+            }
+        }
+        panic!("directory cycle above {d}");
+    }
+
+    /// Runs one op; the error it returned, if any (never EUCLEAN or ESTALE when alone).
+    fn run(&mut self, op: &Op) -> Option<Errno> {
+        self.pm.begin();
+        let r = self.step(op);
+        assert_eq!(self.pm.pm.held_locks(), 0, "{op:?} left locks held");
+        if let Err(e) = r {
+            assert_ne!(
+                e,
+                Errno::EUCLEAN,
+                "{op:?}: self-check failed on a clean store"
+            );
+            assert_ne!(e, ESTALE, "{op:?}: ESTALE with no concurrent request");
+            return Some(e);
+        }
+        None
+    }
+
+    fn step(&mut self, op: &Op) -> FsResult<()> {
+        let (fs, pm) = (&mut self.fs, &mut self.pm);
+        match *op {
+            Op::Create(d, n) => {
+                let (a, _) = fs.create(
+                    pm,
+                    &C,
+                    self.dirs[d % self.dirs.len()],
+                    &name(n),
+                    0o644,
+                    0,
+                    0,
+                )?;
+                *self.opens.entry(a.ino).or_default() += 1;
+                self.saw(&a);
+            }
+            Op::Mkdir(d, n) => {
+                let a = fs.mkdir(pm, &C, self.dirs[d % self.dirs.len()], &name(n), 0o755, 0)?;
+                self.saw(&a);
+            }
+            Op::Mknod(d, n) => {
+                let dir = self.dir(d);
+                let a =
+                    self.fs
+                        .mknod(&mut self.pm, &C, dir, &name(n), libc::S_IFIFO | 0o600, 0, 0)?;
+                self.saw(&a);
+            }
+            Op::Symlink(d, n, len) => {
+                let dir = self.dir(d);
+                let a =
+                    self.fs
+                        .symlink(&mut self.pm, &C, dir, &name(n), &vec![b't'; len as usize])?;
+                self.saw(&a);
+            }
+            Op::Write(i, off, len) => {
+                let ino = self.node(i);
+                let data: Vec<u8> = (0..len).map(|k| k as u8 ^ off as u8).collect();
+                self.fs
+                    .write(&mut self.pm, ino, Fh(0), u64::from(off), &data)?;
+            }
+            Op::Read(i, off, len) => {
+                let ino = self.node(i);
+                self.fs
+                    .read(&mut self.pm, ino, Fh(0), u64::from(off), u32::from(len))?;
+            }
+            Op::Truncate(i, size) => {
+                let ino = self.node(i);
+                let set = SetAttr {
+                    size: Some(u64::from(size)),
+                    ..Default::default()
+                };
+                self.fs.setattr(&mut self.pm, &C, ino, &set)?;
+            }
+            Op::Chmod(i, m) => {
+                let ino = self.node(i);
+                let set = SetAttr {
+                    mode: Some(u32::from(m)),
+                    ..Default::default()
+                };
+                self.fs.setattr(&mut self.pm, &C, ino, &set)?;
+            }
+            Op::Unlink(d, n) => {
+                let dir = self.dir(d);
+                self.fs.unlink(&mut self.pm, &C, dir, &name(n))?;
+            }
+            Op::Rmdir(d, n) => {
+                let dir = self.dir(d);
+                self.fs.rmdir(&mut self.pm, &C, dir, &name(n))?;
+            }
+            Op::Rename(d1, n1, d2, n2, noreplace) => {
+                let (p1, p2) = (self.dir(d1), self.dir(d2));
+                self.pm.begin();
+                if let Ok(s) = self.fs.lookup(&mut self.pm, &C, p1, &name(n1))
+                    && s.kind == FileKind::Dir
+                    && self.is_ancestor(s.ino, p2)
+                {
+                    return Err(Errno::EINVAL);
+                }
+                self.pm.begin();
+                let flags = if noreplace { RENAME_NOREPLACE } else { 0 };
+                self.fs
+                    .rename(&mut self.pm, &C, p1, &name(n1), p2, &name(n2), flags)?;
+            }
+            Op::Link(i, d, n) => {
+                let (ino, dir) = (self.node(i), self.dir(d));
+                self.fs.link(&mut self.pm, &C, ino, dir, &name(n))?;
+            }
+            Op::Lookup(d, n) => {
+                let dir = self.dir(d);
+                let a = self.fs.lookup(&mut self.pm, &C, dir, &name(n))?;
+                self.saw(&a);
+            }
+            Op::LookupDots(d, up) => {
+                let dir = self.dir(d);
+                let nm: &[u8] = if up { b".." } else { b"." };
+                self.fs.lookup(&mut self.pm, &C, dir, nm)?;
+            }
+            Op::Getattr(i) => {
+                let ino = self.node(i);
+                self.fs.getattr(&mut self.pm, ino)?;
+            }
+            Op::Readdir(d, off) => {
+                let dir = self.dir(d);
+                self.fs.readdir(&mut self.pm, dir, u64::from(off), 8)?;
+            }
+            Op::Readlink(i) => {
+                let ino = self.node(i);
+                self.fs.readlink(&mut self.pm, ino)?;
+            }
+            Op::Open(i) => {
+                let ino = self.node(i);
+                self.fs.open(&mut self.pm, &C, ino, 0)?;
+                *self.opens.entry(ino).or_default() += 1;
+            }
+            Op::Release(i) => {
+                let ino = self.node(i);
+                let n = self.opens.get(&ino).copied().unwrap_or(0);
+                if n == 0 {
+                    return Err(Errno::EBADF);
+                }
+                self.opens.insert(ino, n - 1);
+                self.fs.release(&mut self.pm, ino, Fh(0))?;
+            }
+            Op::Fsync(i) => {
+                let ino = self.node(i);
+                self.fs.fsync(&mut self.pm, ino, Fh(0), false)?;
+            }
+            Op::Statfs => {
+                self.fs.statfs(&mut self.pm)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases every open reference (the end of every client).
+    fn close_all(&mut self) {
+        let opens: Vec<(Ino, u32)> = self.opens.drain().collect();
+        for (ino, n) in opens {
+            for _ in 0..n {
+                self.pm.begin();
+                self.fs.release(&mut self.pm, ino, Fh(0)).unwrap();
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Every request takes its locks in the declared order (asserted by `Rec` on each lock
+    /// call), holds none when it returns, writes metadata narrowly, and never fails a
+    /// self-check on a store only SMFS itself wrote.
+    #[test]
+    fn random_workloads_keep_lock_order_and_pass_self_checks(
+        ops in proptest::collection::vec(op_strategy(), 1..120)
+    ) {
+        let mut d = Driver::new(2048);
+        for op in &ops {
+            d.run(op);
+        }
+        d.close_all();
+    }
+}
+
+// ---- A concurrent change between the unlocked peek and the locks ----
+
+/// Runs `other` (a concurrent request that commits) on the store just before the first lock
+/// of the request under test.
+struct Interleave<F: FnMut(&mut MemPm)> {
+    pm: MemPm,
+    other: Option<F>,
+}
+
+impl<F: FnMut(&mut MemPm)> Pm for Interleave<F> {
+    fn block_size(&self) -> usize {
+        self.pm.block_size()
+    }
+    fn nblocks(&self) -> u64 {
+        self.pm.nblocks()
+    }
+    fn free_blocks(&self) -> u64 {
+        self.pm.free_blocks()
+    }
+    fn bread(&mut self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
+        self.pm.bread(b, off, buf)
+    }
+    fn bwrite(&mut self, b: BlockNo, off: usize, data: &[u8]) -> FsResult<()> {
+        self.pm.bwrite(b, off, data)
+    }
+    fn get_next_blk(&mut self) -> FsResult<BlockNo> {
+        self.pm.get_next_blk()
+    }
+    fn free_blk(&mut self, b: BlockNo) -> FsResult<()> {
+        self.pm.free_blk(b)
+    }
+    fn vref(&mut self, ino: Ino) -> FsResult<()> {
+        self.pm.vref(ino)
+    }
+    fn vrele(&mut self, ino: Ino) -> FsResult<u32> {
+        self.pm.vrele(ino)
+    }
+    fn refs(&self, ino: Ino) -> u32 {
+        self.pm.refs(ino)
+    }
+    fn lock(&mut self, l: LockId) -> FsResult<()> {
+        if let Some(mut f) = self.other.take() {
+            f(&mut self.pm);
+        }
+        self.pm.lock(l)
+    }
+    fn unlock(&mut self, l: LockId) -> FsResult<()> {
+        self.pm.unlock(l)
+    }
+    fn now(&self) -> Timespec {
+        self.pm.now()
+    }
+}
+
+#[test]
+fn a_name_changed_between_peek_and_lock_is_reread_under_the_locks() {
+    let (mut fs, mut pm) = fresh();
+    // "lo" gets inode 2, the directory 3, d/x 4; d/y is a second name of inode 2.
+    let (lo, _) = fs
+        .create(&mut pm, &C, Ino::ROOT, b"lo", 0o644, 0, 0)
+        .unwrap();
+    fs.release(&mut pm, lo.ino, Fh(0)).unwrap();
+    let d = fs.mkdir(&mut pm, &C, Ino::ROOT, b"d", 0o755, 0).unwrap();
+    let (x, _) = fs.create(&mut pm, &C, d.ino, b"x", 0o644, 0, 0).unwrap();
+    fs.release(&mut pm, x.ino, Fh(0)).unwrap();
+    fs.link(&mut pm, &C, lo.ino, d.ino, b"y").unwrap();
+    assert!(lo.ino < d.ino && d.ino < x.ino);
+
+    // unlink(d, "x") peeks x = 4, locks {3, 4}; meanwhile d/y is renamed over d/x, so under
+    // the locks x names inode 2, below the directory's lock: refused, nothing changed.
+    let dino = d.ino;
+    let mut ipm = Interleave {
+        pm,
+        other: Some(move |pm: &mut MemPm| {
+            let mut other = Smfs::new();
+            other.attach(pm).unwrap();
+            other.rename(pm, &C, dino, b"y", dino, b"x", 0).unwrap();
+        }),
+    };
+    assert_eq!(fs.unlink(&mut ipm, &C, d.ino, b"x"), Err(ESTALE));
+    assert_eq!(ipm.pm.held_locks(), 0);
+    let mut pm = ipm.pm;
+    assert_eq!(fs.getattr(&mut pm, lo.ino).unwrap().nlink, 2);
+    assert_eq!(fs.getattr(&mut pm, x.ino), Err(Errno::ENOENT));
+    assert!(fs.fsck(&mut pm).unwrap().is_empty());
+    // The kernel's retry peeks again and succeeds.
+    fs.unlink(&mut pm, &C, d.ino, b"x").unwrap();
+    assert_eq!(fs.getattr(&mut pm, lo.ino).unwrap().nlink, 1);
+
+    // lookup(d, "n") peeks nothing, locks {3}; meanwhile "n" is created (inode 4, above 3):
+    // the lookup takes its lock too and sees it.
+    let mut ipm = Interleave {
+        pm,
+        other: Some(move |pm: &mut MemPm| {
+            let mut other = Smfs::new();
+            other.attach(pm).unwrap();
+            other
+                .mknod(pm, &C, dino, b"n", libc::S_IFIFO | 0o600, 0, 0)
+                .unwrap();
+        }),
+    };
+    let n = fs.lookup(&mut ipm, &C, d.ino, b"n").unwrap();
+    assert_eq!(n.kind, FileKind::Fifo);
+    assert_eq!(ipm.pm.held_locks(), 0);
+}
+
+// ---- Self-checks: corrupted structures answer EUCLEAN ----
+
+fn poke(pm: &mut MemPm, b: u64, off: usize, bytes: &[u8]) {
+    pm.bwrite(BlockNo(b), off, bytes).unwrap();
+}
+
+/// Block and offset of inode `ino`'s slot (4 KiB blocks: 32 per block).
+fn islot(ino: Ino) -> (u64, usize) {
+    (
+        1 + (ino.0 - 1) / 32,
+        ((ino.0 - 1) % 32) as usize * INODE_SIZE,
+    )
+}
+
+fn raw_inode(fs: &Smfs, pm: &mut MemPm, ino: Ino) -> Inode {
+    let (b, off) = islot(ino);
+    let mut buf = [0u8; INODE_SIZE];
+    pm.bread(BlockNo(b), off, &mut buf).unwrap();
+    let _ = fs;
+    Inode::decode(&buf)
+}
+
+/// A store with root/f (a 100 KB file, so it has an indirect block) and root/d.
+fn populated() -> (Smfs, MemPm, Ino, Ino) {
+    let (mut fs, mut pm) = fresh();
+    let (f, fh) = fs
+        .create(&mut pm, &C, Ino::ROOT, b"f", 0o644, 0, 0)
+        .unwrap();
+    fs.write(&mut pm, f.ino, fh, 0, &vec![7u8; 100_000])
+        .unwrap();
+    fs.release(&mut pm, f.ino, fh).unwrap();
+    let d = fs.mkdir(&mut pm, &C, Ino::ROOT, b"d", 0o755, 0).unwrap();
+    (fs, pm, f.ino, d.ino)
+}
+
+#[test]
+fn corrupted_inodes_fail_the_self_check() {
+    let (mut fs, mut pm, f, _) = populated();
+    let (b, off) = islot(f);
+    let orig = raw_inode(&fs, &mut pm, f).encode();
+    let restore = |pm: &mut MemPm| poke(pm, b, off, &orig);
+    // Mode with no valid file type.
+    poke(&mut pm, b, off, &0o030644u32.to_le_bytes());
+    assert_eq!(fs.getattr(&mut pm, f), Err(Errno::EUCLEAN));
+    restore(&mut pm);
+    // Size beyond the largest file.
+    poke(&mut pm, b, off + 16, &u64::MAX.to_le_bytes());
+    assert_eq!(fs.read(&mut pm, f, Fh(0), 0, 10), Err(Errno::EUCLEAN));
+    restore(&mut pm);
+    // A direct pointer into the inode table, then one beyond the store.
+    poke(&mut pm, b, off + 72, &1u64.to_le_bytes());
+    assert_eq!(fs.getattr(&mut pm, f), Err(Errno::EUCLEAN));
+    poke(&mut pm, b, off + 72, &1_000_000u64.to_le_bytes());
+    assert_eq!(fs.lookup(&mut pm, &C, Ino::ROOT, b"f"), Err(Errno::EUCLEAN));
+    restore(&mut pm);
+    // Link count 0 on an inode a name leads to.
+    poke(&mut pm, b, off + 4, &0u32.to_le_bytes());
+    assert_eq!(fs.lookup(&mut pm, &C, Ino::ROOT, b"f"), Err(Errno::EUCLEAN));
+    assert_eq!(fs.unlink(&mut pm, &C, Ino::ROOT, b"f"), Err(Errno::EUCLEAN));
+    restore(&mut pm);
+    // A pointer inside the indirect block pointing at the superblock.
+    let ind = raw_inode(&fs, &mut pm, f).ptr[NDIRECT];
+    let mut buf = [0u8; 8];
+    pm.bread(BlockNo(ind), 24, &mut buf).unwrap();
+    poke(&mut pm, ind, 24, &5u64.to_le_bytes()); // an inode-table block
+    assert_eq!(
+        fs.read(&mut pm, f, Fh(0), 7 * 4096, 10),
+        Err(Errno::EUCLEAN)
+    );
+    poke(&mut pm, ind, 24, &buf);
+    assert_eq!(fs.read(&mut pm, f, Fh(0), 7 * 4096, 3).unwrap(), vec![7; 3]);
+    assert_eq!(pm.held_locks(), 0);
+}
+
+#[test]
+fn corrupted_directory_entries_and_superblock_fail_the_self_check() {
+    let (mut fs, mut pm, f, d) = populated();
+    let root_blk = raw_inode(&fs, &mut pm, Ino::ROOT).ptr[0];
+    // Slot 0 is "f", slot 1 is "d".
+    let mut e = [0u8; DIRENT_SIZE];
+    pm.bread(BlockNo(root_blk), 0, &mut e).unwrap();
+    assert_eq!(get_u64(&e, 0), f.0);
+    // Zero-length name.
+    poke(&mut pm, root_blk, 9, &[0]);
+    assert_eq!(fs.lookup(&mut pm, &C, Ino::ROOT, b"d"), Err(Errno::EUCLEAN));
+    assert_eq!(fs.readdir(&mut pm, Ino::ROOT, 0, 10), Err(Errno::EUCLEAN));
+    poke(&mut pm, root_blk, 0, &e);
+    // Inode number beyond the table.
+    poke(&mut pm, root_blk, 0, &1_000_000u64.to_le_bytes());
+    assert_eq!(fs.readdir(&mut pm, Ino::ROOT, 0, 10), Err(Errno::EUCLEAN));
+    poke(&mut pm, root_blk, 0, &e);
+    // Kind byte disagreeing with the inode.
+    poke(&mut pm, root_blk, 8, &[kind_code(FileKind::Dir)]);
+    assert_eq!(fs.lookup(&mut pm, &C, Ino::ROOT, b"f"), Err(Errno::EUCLEAN));
+    poke(&mut pm, root_blk, 0, &e);
+    assert_eq!(fs.lookup(&mut pm, &C, Ino::ROOT, b"d").unwrap().ino, d);
+    // Superblock: one flipped bit fails the crc.
+    let mut sb = [0u8; 64];
+    pm.bread(BlockNo(0), 0, &mut sb).unwrap();
+    poke(&mut pm, 0, 32, &[sb[32] ^ 1]);
+    assert_eq!(fs.statfs(&mut pm), Err(Errno::EUCLEAN));
+    assert_eq!(
+        fs.mknod(&mut pm, &C, Ino::ROOT, b"p", libc::S_IFIFO, 0, 0),
+        Err(Errno::EUCLEAN)
+    );
+    assert_eq!(Smfs::new().attach(&mut pm), Err(Errno::EUCLEAN));
+    poke(&mut pm, 0, 0, &sb);
+    assert!(fs.statfs(&mut pm).is_ok());
+    assert_eq!(pm.held_locks(), 0);
+}

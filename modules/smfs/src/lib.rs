@@ -1598,7 +1598,7 @@ impl Module for Smfs {
     }
 
     fn fsck(&mut self, pm: &mut dyn Pm) -> FsResult<Vec<FsckProblem>> {
-        fsck::check(pm)
+        self.check_all(pm)
     }
 }
 

@@ -613,8 +613,12 @@ proptest! {
         let mut d = Driver::new(2048);
         for op in &ops {
             d.run(op);
+            let problems = d.fs.fsck(&mut d.pm).unwrap();
+            prop_assert!(problems.is_empty(), "after {:?}: {:?}", op, problems);
         }
         d.close_all();
+        let problems = d.fs.fsck(&mut d.pm).unwrap();
+        prop_assert!(problems.is_empty(), "after closing: {:?}", problems);
     }
 }
 
@@ -833,4 +837,121 @@ fn corrupted_directory_entries_and_superblock_fail_the_self_check() {
     poke(&mut pm, 0, 0, &sb);
     assert!(fs.statfs(&mut pm).is_ok());
     assert_eq!(pm.held_locks(), 0);
+}
+
+// ---- fsck ----
+
+fn fsck_has(fs: &mut Smfs, pm: &mut MemPm, what: &str) {
+    let problems = fs.fsck(pm).unwrap();
+    assert!(
+        problems.iter().any(|p| p.contains(what)),
+        "fsck did not report {what:?}: {problems:?}"
+    );
+}
+
+#[test]
+fn fsck_is_clean_after_mkfs_and_a_mixed_workload() {
+    let (mut fs, mut pm) = fresh();
+    assert_eq!(fs.fsck(&mut pm).unwrap(), Vec::<String>::new());
+    let (mut fs2, mut pm2, f, d) = populated();
+    fs2.link(&mut pm2, &C, f, d, b"h").unwrap();
+    fs2.symlink(&mut pm2, &C, d, b"s", b"../f").unwrap();
+    fs2.mkdir(&mut pm2, &C, d, b"sub", 0o755, 0).unwrap();
+    let (o, fh) = fs2.create(&mut pm2, &C, d, b"open", 0o600, 0, 0).unwrap();
+    fs2.write(&mut pm2, o.ino, fh, 3 << 30, b"x").unwrap();
+    fs2.unlink(&mut pm2, &C, d, b"open").unwrap();
+    // Unlinked but open: not an orphan.
+    assert_eq!(fs2.fsck(&mut pm2).unwrap(), Vec::<String>::new());
+    fs2.release(&mut pm2, o.ino, fh).unwrap();
+    assert_eq!(fs2.fsck(&mut pm2).unwrap(), Vec::<String>::new());
+    let _ = fs.statfs(&mut pm).unwrap();
+}
+
+#[test]
+fn fsck_reports_each_corruption() {
+    // Superblock crc.
+    let (mut fs, mut pm, f, d) = populated();
+    let mut sb = [0u8; 64];
+    pm.bread(BlockNo(0), 0, &mut sb).unwrap();
+    poke(&mut pm, 0, 40, &[sb[40] ^ 4]);
+    fsck_has(&mut fs, &mut pm, "crc mismatch");
+    poke(&mut pm, 0, 0, &sb);
+    // A wrong free-inode count under a valid crc.
+    let mut s = fs.read_super(&mut pm).unwrap();
+    s.free_inodes -= 1;
+    Smfs::write_super(&mut pm, &s).unwrap();
+    fsck_has(&mut fs, &mut pm, "free inodes");
+    poke(&mut pm, 0, 0, &sb);
+    assert_eq!(fs.fsck(&mut pm).unwrap(), Vec::<String>::new());
+
+    // Inode fields.
+    let (b, off) = islot(f);
+    let orig = raw_inode(&fs, &mut pm, f).encode();
+    poke(&mut pm, b, off, &0o030644u32.to_le_bytes());
+    fsck_has(&mut fs, &mut pm, "invalid mode");
+    poke(&mut pm, b, off, &orig);
+    poke(&mut pm, b, off + 72 + 8, &3u64.to_le_bytes());
+    fsck_has(&mut fs, &mut pm, "into the superblock or inode table");
+    poke(&mut pm, b, off + 72 + 8, &99_999u64.to_le_bytes());
+    fsck_has(&mut fs, &mut pm, "outside the store");
+    poke(&mut pm, b, off, &orig);
+    poke(&mut pm, b, off + 4, &2u32.to_le_bytes());
+    fsck_has(&mut fs, &mut pm, "link count 2 but 1 entries");
+    poke(&mut pm, b, off, &orig);
+    poke(&mut pm, b, off + 16, &10u64.to_le_bytes());
+    fsck_has(&mut fs, &mut pm, "beyond size");
+    poke(&mut pm, b, off, &orig);
+    assert_eq!(fs.fsck(&mut pm).unwrap(), Vec::<String>::new());
+
+    // One block referenced by two inodes (and so one block too few allocated).
+    let (g, _) = fs
+        .create(&mut pm, &C, Ino::ROOT, b"g", 0o644, 0, 0)
+        .unwrap();
+    fs.release(&mut pm, g.ino, Fh(0)).unwrap();
+    let fblk = raw_inode(&fs, &mut pm, f).ptr[0];
+    let mut gi = raw_inode(&fs, &mut pm, g.ino);
+    gi.ptr[0] = fblk;
+    gi.nblk = 1;
+    gi.size = 10;
+    let (gb, goff) = islot(g.ino);
+    poke(&mut pm, gb, goff, &gi.encode());
+    fsck_has(&mut fs, &mut pm, "referenced twice");
+    // A referenced block freed in the store.
+    let (mut fs, mut pm, f, _) = populated();
+    let fblk = raw_inode(&fs, &mut pm, f).ptr[1];
+    pm.free_blk(BlockNo(fblk)).unwrap();
+    fsck_has(&mut fs, &mut pm, "free in the store");
+
+    // A leaked block.
+    let (mut fs, mut pm, _, d2) = populated();
+    pm.get_next_blk().unwrap();
+    fsck_has(&mut fs, &mut pm, "(leak)");
+
+    // Directory entries: bad name, entry naming a free inode, unreachable directory.
+    let (mut fs, mut pm, _, _) = populated();
+    let root_blk = raw_inode(&fs, &mut pm, Ino::ROOT).ptr[0];
+    let mut e = [0u8; DIRENT_SIZE];
+    pm.bread(BlockNo(root_blk), DIRENT_SIZE, &mut e).unwrap();
+    poke(&mut pm, root_blk, DIRENT_SIZE + 9, &[0]);
+    fsck_has(&mut fs, &mut pm, "bad name");
+    poke(&mut pm, root_blk, DIRENT_SIZE, &e);
+    poke(&mut pm, root_blk, DIRENT_SIZE, &200u64.to_le_bytes());
+    fsck_has(&mut fs, &mut pm, "names free inode 200");
+    // The directory loses its only name: unreachable, the root's link count is off.
+    poke(&mut pm, root_blk, DIRENT_SIZE, &0u64.to_le_bytes());
+    fsck_has(&mut fs, &mut pm, &format!("dir {}: not reachable", d2.0));
+    fsck_has(&mut fs, &mut pm, "dir 1: link count 3 but 2 + 0");
+    poke(&mut pm, root_blk, DIRENT_SIZE, &e);
+    assert_eq!(fs.fsck(&mut pm).unwrap(), Vec::<String>::new());
+
+    // A cycle: d gets an entry naming the root.
+    let sub = fs.mkdir(&mut pm, &C, d, b"sub", 0o755, 0).unwrap();
+    let mut si = raw_inode(&fs, &mut pm, sub.ino);
+    si.rdev = sub.ino.0 as u32;
+    let (sb2, soff) = islot(sub.ino);
+    poke(&mut pm, sb2, soff, &si.encode());
+    fsck_has(&mut fs, &mut pm, "parent (rdev)");
+    let dblk = raw_inode(&fs, &mut pm, d).ptr[0];
+    poke(&mut pm, dblk, 0, &1u64.to_le_bytes());
+    fsck_has(&mut fs, &mut pm, "root is named");
 }

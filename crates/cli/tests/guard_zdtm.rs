@@ -135,6 +135,53 @@ fn case_argv(
     crash: Crash,
     during: Option<&(dyn Fn() -> bool + Sync)>,
 ) {
+    run_case(name, argv, crash, during, 1);
+}
+
+/// A program that forks: the crash comes once a layer holds at least `procs` processes
+/// (zombies included), and kills the whole tree.
+fn case_tree(name: &str, args: &[&str], crash: Crash, procs: u64) {
+    let mut argv = vec![prog(name).to_string_lossy().into_owned()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    run_case(name, &argv, crash, None, procs);
+}
+
+/// `pid` and every process below it (host pids), `pid` first.
+fn tree_of(pid: i64) -> Vec<i64> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        if let Ok(rd) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in rd.filter_map(|e| e.ok()) {
+                let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                out.extend(c.split_whitespace().filter_map(|x| x.parse::<i64>().ok()));
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// SIGKILLs `app` and every process it forked: pid 1 first (which takes its namespace with
+/// it), then each of the others by pid.
+fn kill_tree(app: i64) {
+    for pid in tree_of(app) {
+        // The others may be gone with pid 1 already.
+        let _ = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn run_case(
+    name: &str,
+    argv: &[String],
+    crash: Crash,
+    during: Option<&(dyn Fn() -> bool + Sync)>,
+    procs: u64,
+) {
     let dir = work_dir().join(format!("img-{name}-{crash:?}"));
     let _ = std::fs::remove_dir_all(&dir);
     let mut guard = Command::new(KINTSUGI)
@@ -152,12 +199,13 @@ fn case_argv(
     let st = loop {
         if let Some(s) = status(&dir)
             && s["layers_written"].as_u64().unwrap_or(0) >= 4
+            && s["processes"].as_u64().unwrap_or(0) >= procs
         {
             break s;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(20),
-            "{name}: no 4 layers within 20 s"
+            "{name}: no 4 layers with {procs} processes within 20 s"
         );
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -168,7 +216,7 @@ fn case_argv(
     let app = st["app_pid"].as_i64().unwrap();
     match crash {
         Crash::App => {
-            kill(app);
+            kill_tree(app);
             // The guard notices, restores, and keeps guarding.
             let t1 = Instant::now();
             while status(&dir).map(|s| s["restores"].as_u64() == Some(1)) != Some(true) {
@@ -194,7 +242,7 @@ fn case_argv(
         }
         Crash::Both => {
             kill(guard.id() as i64);
-            kill(app);
+            kill_tree(app);
             let _ = guard.wait();
             let before = read_all(&mut guard);
             assert!(
@@ -320,6 +368,33 @@ fn four_threads_each_with_own_state() {
     let _cleanup = Cleanup;
     case("threads", &[N], Crash::App, None);
     case("threads", &[N], Crash::Both, None);
+}
+
+/// A parent forks a writer and a reader connected by a pipe; the reader checks the counter
+/// stream has no gap and no duplicate. The whole tree is killed mid-stream and rebuilt with
+/// the same pids, the pipe (and its buffered bytes) shared again by the two children.
+#[test]
+fn pipe_between_two_processes_it_forked() {
+    let _cleanup = Cleanup;
+    case_tree("forkpipe", &[N], Crash::App, 3);
+    case_tree("forkpipe", &[N], Crash::Both, 3);
+}
+
+/// Parent and child each keep their own counter at the same addresses, and check their pids.
+#[test]
+fn parent_and_child_each_with_own_counter() {
+    let _cleanup = Cleanup;
+    case_tree("forkcount", &[N], Crash::App, 2);
+    case_tree("forkcount", &[N], Crash::Both, 2);
+}
+
+/// A child reaped before the checkpoint does not come back; zombies (one exited, one killed by
+/// a signal) come back as zombies with the same wait status.
+#[test]
+fn children_that_exit_before_the_checkpoint() {
+    let _cleanup = Cleanup;
+    case_tree("forkzombie", &[N], Crash::App, 3);
+    case_tree("forkzombie", &[N], Crash::Both, 3);
 }
 
 #[test]

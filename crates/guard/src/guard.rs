@@ -55,6 +55,9 @@ pub struct Status {
     pub trapped_calls: u64,
     pub last_pause_us: u64,
     pub last_layer_bytes: u64,
+    /// Processes of the tree in the last layer (pid 1, its children…, zombies included).
+    #[serde(default)]
+    pub processes: u32,
 }
 
 /// Reads `DIR/status.json`.
@@ -326,6 +329,7 @@ impl Guard {
         let t0 = Instant::now();
         let r = crate::restore::restore(&opts.images, &filter)?;
         tracing::info!(target: "guard", "restored layer {} ({} KiB of pages) in {:?} as pid {}", r.seq, r.page_bytes / 1024, t0.elapsed(), r.inc.pid);
+        Guard::adopt_log(&log, &r);
         let status = Status {
             guard_pid: Pid::this().as_raw(),
             app_pid: r.inc.pid.as_raw(),
@@ -356,25 +360,32 @@ impl Guard {
             signals,
             stopping: None,
         };
-        g.adopt_log(&r.state, r.sockets, r.altstacks);
         g.server = Some(start_server(r.listener, &g.log));
         Ok(g)
     }
 
-    fn adopt_log(
-        &mut self,
-        st: &crate::model::ProcState,
-        sockets: crate::procfs::SocketLog,
-        altstacks: std::collections::BTreeMap<i32, (u64, i32, u64)>,
-    ) {
-        let mut l = self.log.lock().unwrap_or_else(|p| p.into_inner());
+    /// Starts the log over for a restored tree: what the image says, keyed by the new host
+    /// pids and tids.
+    fn adopt_log(log: &Mutex<Log>, r: &crate::restore::Restored) {
+        let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
         let trapped = l.trapped;
         *l = Log::default();
         l.trapped = trapped;
-        l.committed_sigactions = st.sigactions.iter().copied().collect();
-        l.itimers = st.itimers.iter().map(|t| (t.which, *t)).collect();
-        l.altstacks = altstacks;
-        l.sockets = sockets;
+        let st = &r.state;
+        for p in std::iter::once(st).chain(st.procs.iter()) {
+            let Some(host) = r.hosts.get(&p.ns_pid()) else {
+                continue;
+            };
+            let host = host.as_raw();
+            l.committed_sigactions
+                .insert(host, p.sigactions.iter().copied().collect());
+            if !p.itimers.is_empty() {
+                l.itimers
+                    .insert(host, p.itimers.iter().map(|t| (t.which, *t)).collect());
+            }
+        }
+        l.altstacks = r.altstacks.clone();
+        l.sockets = r.sockets.clone();
     }
 
     /// The program's pid (host namespace).
@@ -467,6 +478,7 @@ impl Guard {
         self.inc.copy_late(&mut layer);
         layer.full = self.next_full;
         let refusals = layer.state.state.refusals.clone();
+        self.status.processes = 1 + layer.state.state.procs.len() as u32;
         let mut rec = EpochRecord {
             seq,
             pause: stats.pause,
@@ -601,10 +613,10 @@ impl Guard {
                     }
                 };
                 tracing::info!(target: "guard", "restored layer {} in {:?} as pid {}", r.seq, t0.elapsed(), r.inc.pid);
+                Guard::adopt_log(&self.log, &r);
                 self.inc = r.inc;
                 self.next_seq = r.seq + 1;
                 self.next_full = false;
-                self.adopt_log(&r.state, r.sockets, r.altstacks);
                 self.server = Some(start_server(r.listener, &self.log));
                 self.status.restores += 1;
                 self.status.app_pid = self.inc.pid.as_raw();

@@ -4,7 +4,9 @@
 //! - header: magic `KGUARDIM`, version (u32 LE), sequence number (u64), flags (u32, bit 0 =
 //!   full), crc32c of the preceding 24 bytes (u32).
 //! - record: tag (u8), payload length (u64 LE), payload, crc32c of tag+length+payload (u32).
-//!   Tag 1 = state (JSON [`ProcState`] + log delta), tag 2 = pages (u64 address + bytes).
+//!   Tag 1 = state (JSON [`ProcState`] + log delta), tag 2 = pages of pid 1 (u64 address +
+//!   bytes), tag 3 = pages of another process of the tree (u64 pid inside the namespace, u64
+//!   address, bytes; version 2).
 //! - end record: tag 0xFF whose payload is the number of preceding records (u64); a file
 //!   without it is truncated.
 //!
@@ -23,10 +25,11 @@ use serde::{Deserialize, Serialize};
 use crate::model::{LogEntry, ProcState};
 
 const MAGIC: &[u8; 8] = b"KGUARDIM";
-/// Current format version.
-pub const VERSION: u32 = 1;
+/// Current format version (2 added the process tree: tag 3; version 1 files are still read).
+pub const VERSION: u32 = 2;
 const TAG_STATE: u8 = 1;
 const TAG_PAGES: u8 = 2;
+const TAG_TREE_PAGES: u8 = 3;
 const TAG_END: u8 = 0xFF;
 const HEADER_LEN: usize = 28;
 /// Largest payload a reader accepts (a pages record is split below this).
@@ -45,7 +48,7 @@ pub enum ImageError {
     )]
     BadMagic { path: PathBuf },
     #[error(
-        "{path}: image format version {found} is not supported (this build reads version {VERSION})"
+        "{path}: image format version {found} is not supported (this build reads versions 1 to {VERSION})"
     )]
     Version { path: PathBuf, found: u32 },
     #[error(
@@ -104,6 +107,7 @@ fn tag_name(tag: u8) -> &'static str {
     match tag {
         TAG_STATE => "state",
         TAG_PAGES => "pages",
+        TAG_TREE_PAGES => "pages of a child process",
         TAG_END => "end",
         _ => "unknown",
     }
@@ -119,6 +123,9 @@ pub struct StateRecord {
     pub log_dropped: u64,
 }
 
+/// Page runs `(address, bytes)` of one process.
+pub type PageRuns = Vec<(u64, Vec<u8>)>;
+
 /// One layer, in memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layer {
@@ -128,12 +135,33 @@ pub struct Layer {
     /// Page runs `(address, bytes)`, page-aligned, in address order within the layer. A run
     /// longer than 4 MiB comes back from disk as several runs.
     pub pages: Vec<(u64, Vec<u8>)>,
+    /// Page runs of the other processes of the tree, by pid inside the namespace.
+    pub tree_pages: Vec<(i32, PageRuns)>,
 }
 
 impl Layer {
-    /// Bytes of page data.
+    /// Adds page runs of process `pid` (inside the namespace; 1 is the program itself).
+    pub fn add_pages(&mut self, pid: i32, pages: PageRuns) {
+        if pages.is_empty() {
+            return;
+        }
+        if pid == 1 {
+            self.pages.extend(pages);
+        } else if let Some(t) = self.tree_pages.iter_mut().find(|t| t.0 == pid) {
+            t.1.extend(pages);
+        } else {
+            self.tree_pages.push((pid, pages));
+        }
+    }
+    /// Bytes of page data (every process).
     pub fn page_bytes(&self) -> u64 {
-        self.pages.iter().map(|p| p.1.len() as u64).sum()
+        self.pages.iter().map(|p| p.1.len() as u64).sum::<u64>()
+            + self
+                .tree_pages
+                .iter()
+                .flat_map(|t| t.1.iter())
+                .map(|p| p.1.len() as u64)
+                .sum::<u64>()
     }
 }
 
@@ -180,6 +208,16 @@ pub fn encode(layer: &Layer) -> Vec<u8> {
             n += 1;
         }
     }
+    for (pid, runs) in &layer.tree_pages {
+        let p = (*pid as u64).to_le_bytes();
+        for (addr, bytes) in runs {
+            for (i, chunk) in bytes.chunks(PAGES_RECORD).enumerate() {
+                let a = addr + (i * PAGES_RECORD) as u64;
+                record(&mut out, TAG_TREE_PAGES, &[&p, &a.to_le_bytes(), chunk]);
+                n += 1;
+            }
+        }
+    }
     record(&mut out, TAG_END, &[&n.to_le_bytes()]);
     out
 }
@@ -187,16 +225,25 @@ pub fn encode(layer: &Layer) -> Vec<u8> {
 /// Parses a layer; `path` only names the file in errors.
 pub fn decode(path: &Path, buf: &[u8]) -> Result<Layer, ImageError> {
     let l = parse(path, buf)?;
-    let pages = l
-        .runs
-        .iter()
-        .map(|(a, r)| (*a, buf[r.clone()].to_vec()))
-        .collect();
+    let mut pages = Vec::new();
+    let mut tree_pages: Vec<(i32, PageRuns)> = Vec::new();
+    for (pid, a, r) in &l.runs {
+        let run = (*a, buf[r.clone()].to_vec());
+        if *pid == 1 {
+            pages.push(run);
+        } else {
+            match tree_pages.iter_mut().find(|t| t.0 == *pid) {
+                Some(t) => t.1.push(run),
+                None => tree_pages.push((*pid, vec![run])),
+            }
+        }
+    }
     Ok(Layer {
         seq: l.seq,
         full: l.full,
         state: l.state,
         pages,
+        tree_pages,
     })
 }
 
@@ -206,14 +253,15 @@ struct Parsed {
     seq: u64,
     full: bool,
     state: StateRecord,
-    runs: Vec<(u64, std::ops::Range<usize>)>,
+    /// `(pid inside the namespace, address, byte range of the file)`.
+    runs: Vec<(i32, u64, std::ops::Range<usize>)>,
 }
 
 /// A layer loaded for restore: the file bytes and where its pages are in them.
 #[derive(Debug)]
 struct Loaded {
     buf: Vec<u8>,
-    runs: Vec<(u64, std::ops::Range<usize>)>,
+    runs: Vec<(i32, u64, std::ops::Range<usize>)>,
 }
 
 fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, ImageError> {
@@ -233,7 +281,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, ImageError> {
     if crc32c::crc32c(&buf[..24]) != crc {
         return Err(ImageError::HeaderCrc { path: p() });
     }
-    if version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(ImageError::Version {
             path: p(),
             found: version,
@@ -244,7 +292,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, ImageError> {
     let mut at = HEADER_LEN;
     let mut index = 0usize;
     let mut state = None;
-    let mut pages: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
+    let mut pages: Vec<(i32, u64, std::ops::Range<usize>)> = Vec::new();
     loop {
         index += 1;
         if at == buf.len() {
@@ -290,19 +338,31 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, ImageError> {
                     serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
                 state = Some(s);
             }
-            TAG_PAGES => {
-                if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(4096) {
+            TAG_PAGES | TAG_TREE_PAGES => {
+                let head = if tag == TAG_PAGES { 8 } else { 16 };
+                if payload.len() < head || !(payload.len() - head).is_multiple_of(4096) {
                     return Err(bad(format!(
-                        "{} bytes is not an address plus whole pages",
+                        "{} bytes is not a header of {head} bytes plus whole pages",
                         payload.len()
                     )));
                 }
-                let addr = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+                let word = |i: usize| {
+                    u64::from_le_bytes(payload[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+                };
+                let (pid, addr) = if tag == TAG_PAGES {
+                    (1, word(0))
+                } else {
+                    let pid = word(0);
+                    if pid < 2 || pid > i32::MAX as u64 {
+                        return Err(bad(format!("pid {pid} is not a child's pid")));
+                    }
+                    (pid as i32, word(1))
+                };
                 if addr % 4096 != 0 {
                     return Err(bad(format!("address {addr:#x} is not page-aligned")));
                 }
                 // One run per record, left in place in the file buffer.
-                pages.push((addr, at - 4 - payload.len() + 8..at - 4));
+                pages.push((pid, addr, at - 4 - payload.len() + head..at - 4));
             }
             TAG_END => {
                 if payload.len() != 8 {
@@ -384,38 +444,48 @@ pub struct Chain {
     pub base: u64,
     pub state: ProcState,
     layers: Vec<Loaded>,
-    /// Page address → (layer, run, page within the run) of its newest copy; only pages inside
-    /// the top state's mappings, from layers at or after each mapping's `base_seq`.
-    index: BTreeMap<u64, (u32, u32, u32)>,
+    /// (pid inside the namespace, page address) → (layer, run, page within the run) of its
+    /// newest copy; only pages inside that process's mappings in the top state, from layers at
+    /// or after each mapping's `base_seq`.
+    index: BTreeMap<(i32, u64), (u32, u32, u32)>,
 }
 
 impl Chain {
+    /// Bytes of page data (every process).
     pub fn page_bytes(&self) -> u64 {
         self.index.len() as u64 * 4096
     }
-    /// Addresses of the pages the chain holds, ascending.
+    /// Addresses of pid 1's pages, ascending.
     pub fn addrs(&self) -> impl Iterator<Item = u64> + '_ {
-        self.index.keys().copied()
+        self.index.range((1, 0)..(2, 0)).map(|(k, _)| k.1)
     }
-    /// The contents of the page at `addr`.
+    /// The contents of pid 1's page at `addr`.
     pub fn page(&self, addr: u64) -> Option<&[u8]> {
-        let &(l, r, i) = self.index.get(&addr)?;
+        self.page_of(1, addr)
+    }
+    /// The contents of the page at `addr` of process `pid` (inside the namespace).
+    pub fn page_of(&self, pid: i32, addr: u64) -> Option<&[u8]> {
+        let &(l, r, i) = self.index.get(&(pid, addr))?;
         let ll = &self.layers[l as usize];
-        let data = &ll.buf[ll.runs[r as usize].1.clone()];
+        let data = &ll.buf[ll.runs[r as usize].2.clone()];
         Some(&data[i as usize * 4096..(i as usize + 1) * 4096])
     }
-    /// Maximal contiguous runs `(address, bytes)`, borrowed from the layers.
+    /// Pid 1's maximal contiguous runs `(address, bytes)`, borrowed from the layers.
     pub fn runs(&self) -> Vec<(u64, &[u8])> {
+        self.runs_of(1)
+    }
+    /// Maximal contiguous runs `(address, bytes)` of process `pid`, borrowed from the layers.
+    pub fn runs_of(&self, pid: i32) -> Vec<(u64, &[u8])> {
         // (address, layer, run, first page, page count)
         type Cur = (u64, u32, u32, u32, u32);
         fn slice(layers: &[Loaded], c: Cur) -> (u64, &[u8]) {
             let l = &layers[c.1 as usize];
-            let data: &[u8] = &l.buf[l.runs[c.2 as usize].1.clone()];
+            let data: &[u8] = &l.buf[l.runs[c.2 as usize].2.clone()];
             (c.0, &data[c.3 as usize * 4096..(c.3 + c.4) as usize * 4096])
         }
         let mut out: Vec<(u64, &[u8])> = Vec::new();
         let mut cur: Option<Cur> = None;
-        for (&a, &(l, r, i)) in &self.index {
+        for (&(_, a), &(l, r, i)) in self.index.range((pid, 0)..(pid, u64::MAX)) {
             match cur {
                 Some(ref mut c)
                     if c.0 + u64::from(c.4) * 4096 == a
@@ -514,23 +584,29 @@ fn fold(layers: Vec<(Parsed, Vec<u8>)>) -> Chain {
     let top_layer = &layers.last().expect("at least one layer").0;
     let top = top_layer.seq;
     let state = top_layer.state.state.clone();
-    let mut index: BTreeMap<u64, (u32, u32, u32)> = BTreeMap::new();
-    let mut vmas: Vec<&crate::model::Vma> = state.vmas.iter().filter(|v| v.has_pages()).collect();
-    vmas.sort_by_key(|v| v.start);
-    let find = |a: u64| {
+    let mut index: BTreeMap<(i32, u64), (u32, u32, u32)> = BTreeMap::new();
+    // Each process's mappings with pages, by pid inside the namespace.
+    let mut vmas: BTreeMap<i32, Vec<&crate::model::Vma>> = BTreeMap::new();
+    for p in std::iter::once(&state).chain(state.procs.iter()) {
+        let mut v: Vec<&crate::model::Vma> = p.vmas.iter().filter(|v| v.has_pages()).collect();
+        v.sort_by_key(|v| v.start);
+        vmas.insert(p.ns_pid(), v);
+    }
+    let find = |pid: i32, a: u64| {
+        let vmas = vmas.get(&pid)?;
         let i = vmas.partition_point(|v| v.end <= a);
         vmas.get(i).filter(|v| v.contains(a)).copied()
     };
     for (li, (l, _)) in layers.iter().enumerate() {
-        for (ri, (addr, range)) in l.runs.iter().enumerate() {
+        for (ri, (pid, addr, range)) in l.runs.iter().enumerate() {
             for i in 0..range.len() / 4096 {
                 let a = addr + (i as u64) * 4096;
-                match find(a) {
+                match find(*pid, a) {
                     Some(v) if l.seq >= v.base_seq => {
-                        index.insert(a, (li as u32, ri as u32, i as u32));
+                        index.insert((*pid, a), (li as u32, ri as u32, i as u32));
                     }
                     _ => {
-                        index.remove(&a);
+                        index.remove(&(*pid, a));
                     }
                 }
             }
@@ -558,18 +634,29 @@ pub fn merge(dir: &Path) -> Result<u64, ImageError> {
         return Ok(chain.top);
     }
     let top_layer = read_layer(&dir.join(layer_name(chain.top)))?;
-    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
-    for (a, p) in chain.runs() {
-        match runs.last_mut() {
-            Some((ra, rd)) if *ra + rd.len() as u64 == a => rd.extend_from_slice(p),
-            _ => runs.push((a, p.to_vec())),
+    let runs_of = |pid: i32| {
+        let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (a, p) in chain.runs_of(pid) {
+            match runs.last_mut() {
+                Some((ra, rd)) if *ra + rd.len() as u64 == a => rd.extend_from_slice(p),
+                _ => runs.push((a, p.to_vec())),
+            }
         }
-    }
+        runs
+    };
+    let tree_pages = chain
+        .state
+        .procs
+        .iter()
+        .map(|p| (p.ns_pid(), runs_of(p.ns_pid())))
+        .filter(|t| !t.1.is_empty())
+        .collect();
     let merged = Layer {
         seq: chain.top,
         full: true,
         state: top_layer.state,
-        pages: runs,
+        pages: runs_of(1),
+        tree_pages,
     };
     write_layer(dir, &merged).map_err(|source| ImageError::Io {
         path: dir.to_path_buf(),
@@ -618,6 +705,7 @@ mod tests {
             full: true,
             state: state_with(vec![anon(0x10000, 0x20000, 1)]),
             pages: vec![(0x10000, vec![7u8; 8192]), (0x1f000, vec![9u8; 4096])],
+            tree_pages: vec![],
         };
         let bytes = encode(&l);
         let p = Path::new("t.img");
@@ -651,12 +739,14 @@ mod tests {
             full: true,
             state: state_with(vec![anon(0x10000, 0x13000, 1)]),
             pages: vec![(0x10000, vec![1u8; 3 * 4096])],
+            tree_pages: vec![],
         };
         let l2 = Layer {
             seq: 2,
             full: false,
             state: state_with(vec![anon(0x10000, 0x13000, 1)]),
             pages: vec![(0x11000, vec![2u8; 4096])],
+            tree_pages: vec![],
         };
         // Layer 3: the mapping was replaced (base_seq 3) and only page 0x12000 holds data.
         let l3 = Layer {
@@ -664,6 +754,7 @@ mod tests {
             full: false,
             state: state_with(vec![anon(0x10000, 0x13000, 3)]),
             pages: vec![(0x12000, vec![3u8; 4096])],
+            tree_pages: vec![],
         };
         for l in [&l1, &l2] {
             write_layer(&dir, l).unwrap();
@@ -683,6 +774,65 @@ mod tests {
     }
 
     #[test]
+    fn tree_pages_are_kept_per_process() {
+        let dir = std::env::temp_dir().join(format!("guard-image-tree-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let child = |base: u64| ProcState {
+            nspid: 2,
+            ppid: 1,
+            vmas: vec![anon(0x10000, 0x12000, base)],
+            ..Default::default()
+        };
+        let mut st = state_with(vec![anon(0x10000, 0x12000, 1)]);
+        st.state.procs = vec![child(1)];
+        // Same addresses in pid 1 and pid 2: different contents.
+        let l1 = Layer {
+            seq: 1,
+            full: true,
+            state: st.clone(),
+            pages: vec![(0x10000, vec![1u8; 8192])],
+            tree_pages: vec![(2, vec![(0x10000, vec![21u8; 8192])])],
+        };
+        let bytes = encode(&l1);
+        assert_eq!(decode(Path::new("t.img"), &bytes).unwrap(), l1);
+        write_layer(&dir, &l1).unwrap();
+        let mut st2 = st.clone();
+        st2.state.procs = vec![child(1)];
+        let l2 = Layer {
+            seq: 2,
+            full: false,
+            state: st2,
+            pages: vec![],
+            tree_pages: vec![(2, vec![(0x11000, vec![22u8; 4096])])],
+        };
+        write_layer(&dir, &l2).unwrap();
+        let c = load_chain(&dir).unwrap();
+        assert_eq!(c.page(0x11000).unwrap()[0], 1, "pid 1 keeps its own page");
+        assert_eq!(c.page_of(2, 0x10000).unwrap()[0], 21);
+        assert_eq!(c.page_of(2, 0x11000).unwrap()[0], 22);
+        assert!(c.page_of(3, 0x10000).is_none());
+        assert_eq!(c.runs_of(2).len(), 2);
+        assert_eq!(merge(&dir).unwrap(), 2);
+        let m = read_layer(&dir.join(layer_name(2))).unwrap();
+        assert!(m.full);
+        assert_eq!(m.tree_pages.len(), 1);
+        let c = load_chain(&dir).unwrap();
+        assert_eq!(c.page_of(2, 0x11000).unwrap()[0], 22);
+        assert_eq!(c.page_bytes(), 4 * 4096);
+        // A pid 1 or 0 in a child's pages record is malformed.
+        let bad = Layer {
+            tree_pages: vec![(1, vec![(0x10000, vec![0u8; 4096])])],
+            ..l1
+        };
+        let e = decode(Path::new("t.img"), &encode(&bad))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a child's pid"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn incomplete_top_layer_is_restorable_only_under_its_successor() {
         let dir = std::env::temp_dir().join(format!("guard-image-inc-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -694,6 +844,7 @@ mod tests {
             full: true,
             state: st.clone(),
             pages: vec![(0x10000, vec![1u8; 8192])],
+            tree_pages: vec![],
         };
         write_layer(&dir, &l1).unwrap();
         assert!(matches!(load_chain(&dir), Err(ImageError::NotYet { .. })));
@@ -702,6 +853,7 @@ mod tests {
             full: false,
             state: state_with(vec![anon(0x10000, 0x12000, 1)]),
             pages: vec![(0x11000, vec![2u8; 4096])],
+            tree_pages: vec![],
         };
         write_layer(&dir, &l2).unwrap();
         let l3 = Layer {
@@ -709,6 +861,7 @@ mod tests {
             full: false,
             state: st,
             pages: vec![(0x10000, vec![3u8; 4096])],
+            tree_pages: vec![],
         };
         write_layer(&dir, &l3).unwrap();
         let c = load_chain(&dir).unwrap();
@@ -732,7 +885,7 @@ mod tests {
 
         #[test]
         fn decode_rejects_any_single_bit_flip(seed in 0usize..10_000, bit in 0u8..8) {
-            let l = Layer { seq: 1, full: false, state: state_with(vec![]), pages: vec![(0x4000, vec![5u8; 4096])] };
+            let l = Layer { seq: 1, full: false, state: state_with(vec![]), pages: vec![(0x4000, vec![5u8; 4096])], tree_pages: vec![] };
             let mut bytes = encode(&l);
             let i = seed % bytes.len();
             bytes[i] ^= 1 << bit;
@@ -742,7 +895,7 @@ mod tests {
         #[test]
         fn round_trip(seq in 0u64..1000, full: bool, npages in 0usize..4, fill: u8) {
             let pages = (0..npages).map(|i| ((i as u64 + 1) * 0x10000, vec![fill; 4096 * (i + 1)])).collect();
-            let l = Layer { seq, full, state: state_with(vec![anon(0x10000, 0x90000, 0)]), pages };
+            let l = Layer { seq, full, state: state_with(vec![anon(0x10000, 0x90000, 0)]), pages, tree_pages: vec![] };
             prop_assert_eq!(decode(Path::new("x"), &encode(&l)).unwrap(), l);
         }
     }

@@ -9,7 +9,7 @@
 //! (io_uring, the program's own userfaultfd, ptrace by the program, SysV shm) are refused with
 //! an errno and the refusal is reported in `kintsugi guard --status`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sys::Pid;
 use sys::seccomp::Notification;
@@ -117,21 +117,25 @@ pub struct Log {
     pub dropped: u64,
     /// Total trapped calls.
     pub trapped: u64,
-    /// Pending handler changes, by signal.
-    pub sigactions: BTreeMap<i32, SigAction>,
-    /// Committed handlers (carried across epochs).
-    pub committed_sigactions: BTreeMap<i32, SigAction>,
-    pub itimers: BTreeMap<i32, ITimer>,
+    /// Pending handler changes, by process (host pid) and signal.
+    pub sigactions: BTreeMap<i32, BTreeMap<i32, SigAction>>,
+    /// Committed handlers by process (host pid), carried across epochs. A process not in
+    /// here has not been seen by a checkpoint yet: its handlers are read from it then.
+    pub committed_sigactions: BTreeMap<i32, BTreeMap<i32, SigAction>>,
+    /// Interval timers by process (host pid) and `which` (fork does not inherit them).
+    pub itimers: BTreeMap<i32, BTreeMap<i32, ITimer>>,
     /// sigaltstack per thread (host tid).
     pub altstacks: BTreeMap<i32, (u64, i32, u64)>,
     pub sockets: SocketLog,
     /// Address ranges whose contents were replaced or discarded (mmap MAP_FIXED, madvise
     /// DONTNEED…): mappings overlapping them are captured in full at the next checkpoint.
     pub rebaseline: Vec<(u64, u64)>,
-    /// brk moved: re-read the break at the next checkpoint.
-    pub brk_changed: bool,
-    /// The program exec'd: its whole memory and the tracker are new.
-    pub exec_seen: bool,
+    /// Processes (host pid) whose brk moved: re-read the break at the next checkpoint.
+    pub brk_changed: BTreeSet<i32>,
+    /// Processes (host pid) that exec'd: their whole memory and tracker are new.
+    pub exec_seen: BTreeSet<i32>,
+    /// Thread → process (host ids), learnt at checkpoints and from /proc for new threads.
+    pub tgids: HashMap<i32, i32>,
     /// Refused calls, for --status (deduplicated).
     pub refusals: Vec<String>,
 }
@@ -186,6 +190,25 @@ pub enum Verdict {
     Refuse(i32),
 }
 
+/// The process (thread group) of thread `tid`, host ids; 0 when it is gone.
+fn tgid_of(log: &mut Log, tid: i32) -> i32 {
+    if let Some(&g) = log.tgids.get(&tid) {
+        return g;
+    }
+    let g = std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    if g != 0 {
+        log.tgids.insert(tid, g);
+    }
+    g
+}
+
 /// Records one trapped call into `log` and says how to answer it. The notification is
 /// answered by the caller; reads of the caller's memory happen here, before the answer.
 pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
@@ -194,6 +217,7 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
         Some(p) => p,
         None => return Verdict::Continue,
     };
+    let tgid = tgid_of(log, n.pid as i32);
     if !n.is_native_abi() {
         push_refusal(
             log,
@@ -218,11 +242,11 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
         }
         libc::SYS_execve => {
             detail = read_cstr(pid, a[0]);
-            log.exec_seen = true;
+            log.exec_seen.insert(tgid);
             Verdict::Continue
         }
         libc::SYS_execveat => {
-            log.exec_seen = true;
+            log.exec_seen.insert(tgid);
             Verdict::Continue
         }
         libc::SYS_mmap => {
@@ -251,7 +275,7 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
             Verdict::Continue
         }
         libc::SYS_brk => {
-            log.brk_changed = true;
+            log.brk_changed.insert(tgid);
             Verdict::Continue
         }
         libc::SYS_rt_sigaction => {
@@ -262,7 +286,10 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
                     restorer: w[2],
                     mask: w[3],
                 };
-                log.sigactions.insert(a[0] as i32, sa);
+                log.sigactions
+                    .entry(tgid)
+                    .or_default()
+                    .insert(a[0] as i32, sa);
                 detail = Some(format!("sig {} handler {:#x}", a[0], w[0]));
             }
             Verdict::Continue
@@ -282,7 +309,7 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
                     interval_us: us(w[0], w[1]),
                     value_us: us(w[2], w[3]),
                 };
-                log.itimers.insert(t.which, t);
+                log.itimers.entry(tgid).or_default().insert(t.which, t);
             }
             Verdict::Continue
         }
@@ -292,7 +319,7 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
                 interval_us: 0,
                 value_us: a[0].saturating_mul(1_000_000),
             };
-            log.itimers.insert(t.which, t);
+            log.itimers.entry(tgid).or_default().insert(t.which, t);
             Verdict::Continue
         }
         libc::SYS_listen => {
@@ -373,10 +400,17 @@ fn push_refusal(log: &mut Log, why: String) {
 }
 
 impl Log {
-    /// Commits pending handler changes that /proc confirms (`SigCgt`/`SigIgn` bits agree)
-    /// and returns the committed set.
-    pub fn commit_sigactions(&mut self, caught: u64, ignored: u64) -> Vec<(i32, SigAction)> {
-        for (sig, sa) in std::mem::take(&mut self.sigactions) {
+    /// Commits process `pid`'s pending handler changes that /proc confirms
+    /// (`SigCgt`/`SigIgn` bits agree) and returns its committed set.
+    pub fn commit_sigactions(
+        &mut self,
+        pid: i32,
+        caught: u64,
+        ignored: u64,
+    ) -> Vec<(i32, SigAction)> {
+        let pending = self.sigactions.remove(&pid).unwrap_or_default();
+        let committed = self.committed_sigactions.entry(pid).or_default();
+        for (sig, sa) in pending {
             if !(1..=64).contains(&sig) {
                 continue;
             }
@@ -388,19 +422,23 @@ impl Log {
             };
             if ok {
                 if sa.handler > 1 {
-                    self.committed_sigactions.insert(sig, sa);
+                    committed.insert(sig, sa);
                 } else {
-                    self.committed_sigactions.remove(&sig);
+                    committed.remove(&sig);
                 }
             }
         }
         // A handler reset by exec or never confirmed must not survive.
-        self.committed_sigactions
-            .retain(|&s, _| caught & (1u64 << (s - 1)) != 0);
-        self.committed_sigactions
-            .iter()
-            .map(|(&s, &a)| (s, a))
-            .collect()
+        committed.retain(|&s, _| caught & (1u64 << (s - 1)) != 0);
+        committed.iter().map(|(&s, &a)| (s, a)).collect()
+    }
+
+    /// Forgets what the log holds for processes that are gone (not in `alive`, host pids).
+    pub fn retain_processes(&mut self, alive: &[i32]) {
+        self.committed_sigactions.retain(|p, _| alive.contains(p));
+        self.sigactions.retain(|p, _| alive.contains(p));
+        self.itimers.retain(|p, _| alive.contains(p));
+        self.tgids.retain(|_, g| alive.contains(g));
     }
 
     /// Takes the epoch's entries (the log delta of a layer).
@@ -437,12 +475,18 @@ mod tests {
             restorer: 0,
             mask: 0,
         };
-        l.sigactions.insert(libc::SIGALRM, sa);
-        l.sigactions.insert(libc::SIGUSR1, sa);
+        l.sigactions.entry(7).or_default().insert(libc::SIGALRM, sa);
+        l.sigactions.entry(7).or_default().insert(libc::SIGUSR1, sa);
         let bit = |s: i32| 1u64 << (s - 1);
         // Only SIGALRM's handler took effect.
-        let c = l.commit_sigactions(bit(libc::SIGALRM), 0);
+        let c = l.commit_sigactions(7, bit(libc::SIGALRM), 0);
         assert_eq!(c, vec![(libc::SIGALRM, sa)]);
-        assert!(l.commit_sigactions(0, 0).is_empty(), "reset by exec");
+        assert!(
+            l.commit_sigactions(8, bit(libc::SIGALRM), 0).is_empty(),
+            "another process's handlers are its own"
+        );
+        assert!(l.commit_sigactions(7, 0, 0).is_empty(), "reset by exec");
+        l.retain_processes(&[8]);
+        assert!(!l.committed_sigactions.contains_key(&7));
     }
 }

@@ -117,6 +117,11 @@ pub struct Fd {
     /// open(2) flags from fdinfo (O_APPEND, O_NONBLOCK, O_CLOEXEC, access mode…).
     pub flags: i32,
     pub kind: FdKind,
+    /// The open file description, numbered across the whole process tree: fds with the same
+    /// number (dup'ed, or inherited over fork; `kcmp(KCMP_FILE)` says so) share one
+    /// description (offset, flags) and are rebuilt as one. 0: unknown (older images).
+    #[serde(default)]
+    pub desc: u64,
 }
 
 /// `struct sigaction` as the kernel takes it (rt_sigaction).
@@ -211,6 +216,29 @@ pub struct ProcState {
     /// The program had its own network namespace (loopback only): restore makes a new one.
     #[serde(default)]
     pub net: bool,
+    /// Pid inside the program's pid namespace (the program itself is 1; 0 in older images
+    /// means 1).
+    #[serde(default)]
+    pub nspid: i32,
+    /// The parent's pid inside the namespace (0 for pid 1).
+    #[serde(default)]
+    pub ppid: i32,
+    /// Only in pid 1's state: every other process of the tree, each parent before its
+    /// children. Their pages are stored per pid (see `image`).
+    #[serde(default)]
+    pub procs: Vec<ProcState>,
+    /// A child that had exited and was not reaped yet (a zombie): its wait status
+    /// (`exit_code` of /proc/PID/stat). Restore recreates it and lets it end the same way, so
+    /// its parent's `wait` still finds it. Nothing else of a zombie is recorded.
+    #[serde(default)]
+    pub zombie: Option<i32>,
+}
+
+impl ProcState {
+    /// Pid inside the namespace (1 for pid 1 of older images).
+    pub fn ns_pid(&self) -> i32 {
+        if self.nspid == 0 { 1 } else { self.nspid }
+    }
 }
 
 /// The paper's syscall classes (ShadowBuddy §3).

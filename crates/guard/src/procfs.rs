@@ -222,10 +222,29 @@ pub fn fds(
     inherited: &[(i32, u64, u64)],
     socklog: &SocketLog,
 ) -> io::Result<(Vec<Fd>, Vec<String>)> {
+    let (fds, mut refusals) = fds_of(pid, pidfd, inherited, socklog, &mut Vec::new())?;
+    let fds: Vec<Fd> = fds.into_iter().map(|f| f.0).collect();
+    refusals.extend(pipe_refusals(&fds));
+    Ok((fds, refusals))
+}
+
+/// An fd with the object it names `(dev, ino)`.
+pub type FdObj = (Fd, u64, u64);
+
+/// One process's fd table, each fd with the `(dev, ino)` it names (to find the descriptions
+/// shared across a process tree). `peeked` holds the pipes whose buffered bytes were already
+/// read (from another process's read end). Pipes are not checked for their peer here: see
+/// [`pipe_refusals`] over the whole tree.
+pub fn fds_of(
+    pid: Pid,
+    pidfd: std::os::fd::BorrowedFd<'_>,
+    inherited: &[(i32, u64, u64)],
+    socklog: &SocketLog,
+    peeked: &mut Vec<u64>,
+) -> io::Result<(Vec<FdObj>, Vec<String>)> {
     let mut out = Vec::new();
     let mut refusals = Vec::new();
     let dir = format!("/proc/{pid}/fd");
-    let mut peeked: Vec<u64> = Vec::new();
     let mut nums: Vec<i32> = fs::read_dir(&dir)?
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
@@ -251,11 +270,16 @@ pub fn fds(
             .iter()
             .any(|&(f, d, i)| f == n && d == dev && i == ino)
         {
-            out.push(Fd {
-                fd: n,
-                flags,
-                kind: FdKind::Inherited,
-            });
+            out.push((
+                Fd {
+                    fd: n,
+                    flags,
+                    kind: FdKind::Inherited,
+                    desc: 0,
+                },
+                dev,
+                ino,
+            ));
             continue;
         }
         let kind = if let Some(rest) = link.strip_prefix("pipe:[") {
@@ -424,10 +448,25 @@ pub fn fds(
             refusals.push(format!("fd {n}: {link}: {what}"));
             continue;
         };
-        out.push(Fd { fd: n, flags, kind });
+        out.push((
+            Fd {
+                fd: n,
+                flags,
+                kind,
+                desc: 0,
+            },
+            dev,
+            ino,
+        ));
     }
-    // A pipe can only be rebuilt when both of its ends are ours.
-    let pipes: Vec<(u64, bool)> = out
+    Ok((out, refusals))
+}
+
+/// A pipe can only be rebuilt when both of its ends are held by the program (any process of
+/// its tree): the reasons for those that are not.
+pub fn pipe_refusals(all: &[Fd]) -> Vec<String> {
+    let mut refusals = Vec::new();
+    let pipes: Vec<(u64, bool)> = all
         .iter()
         .filter_map(|f| match f.kind {
             FdKind::Pipe {
@@ -438,12 +477,27 @@ pub fn fds(
         .collect();
     for &(inode, we) in &pipes {
         if !pipes.iter().any(|&(i, w)| i == inode && w != we) {
-            refusals.push(format!(
-                "pipe:[{inode}] has only one end in the program (its peer is another process)"
-            ));
+            let why = format!(
+                "pipe:[{inode}] has only one end in the program (its peer is a process outside the guarded tree)"
+            );
+            if !refusals.contains(&why) {
+                refusals.push(why);
+            }
         }
     }
-    Ok((out, refusals))
+    refusals
+}
+
+/// `(state letter, wait status)` of a process from /proc/PID/stat: the status (field 52,
+/// `exit_code`) is what its parent's `wait` will report once it is a zombie (`Z`).
+pub fn run_state(pid: Pid) -> Option<(char, i32)> {
+    let t = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = t.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let state = f.first()?.chars().next()?;
+    // rest starts at field 3; field 52 is rest[49].
+    let code = f.get(49).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Some((state, code))
 }
 
 #[cfg(test)]

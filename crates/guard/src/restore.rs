@@ -7,7 +7,7 @@
 //! signal mask are loaded and it runs. It keeps the seccomp filter it installed before the
 //! guard took over (suspended while the guard drives it), so guarding continues.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
 use std::path::Path;
 
@@ -18,7 +18,7 @@ use sys::remote_mem::MemFile;
 use sys::seccomp::{Listener, NotifyFilter};
 use sys::uffd::WpTracker;
 
-use crate::checkpoint::{Incarnation, words_to_regs};
+use crate::checkpoint::{Incarnation, Proc, words_to_regs};
 use crate::image::{self, Chain};
 use crate::model::{Fd, FdKind, ProcState, VmaKind};
 use crate::procfs::SocketLog;
@@ -41,6 +41,8 @@ pub struct Restored {
     /// sigaltstack per thread, by the new host tids.
     pub altstacks: std::collections::BTreeMap<i32, (u64, i32, u64)>,
     pub page_bytes: u64,
+    /// Host pid of each process of the tree, by pid inside the namespace.
+    pub hosts: BTreeMap<i32, Pid>,
 }
 
 struct Driver {
@@ -102,8 +104,8 @@ impl Driver {
     }
 }
 
-/// Restores the newest chain in `dir` into a new process. Refuses (before creating anything)
-/// an image the guard marked non-restorable, and any damaged layer.
+/// Restores the newest chain in `dir` into a new process tree. Refuses (before creating
+/// anything) an image the guard marked non-restorable, and any damaged layer.
 pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
     let t0 = std::time::Instant::now();
     let chain = image::load_chain(dir)?;
@@ -116,7 +118,10 @@ pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
     }
     // Writable files go back to their size at the checkpoint: what the program appended after
     // it is appended again when it re-runs.
-    for f in &chain.state.fds {
+    for f in std::iter::once(&chain.state)
+        .chain(chain.state.procs.iter())
+        .flat_map(|p| p.fds.iter())
+    {
         if let FdKind::File {
             path,
             size,
@@ -136,8 +141,9 @@ pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
     }
     let (stub, listener) = spawn_stub(filter, chain.state.net)?;
     tracing::debug!(target: "guard", "restore: new process at {:?}", t0.elapsed());
-    match drive(stub, &chain) {
-        Ok((inc, sockets, altstacks)) => Ok(Restored {
+    let mut created = Vec::new();
+    match drive_tree(stub, &chain, &mut created) {
+        Ok((inc, sockets, altstacks, hosts)) => Ok(Restored {
             altstacks,
             inc,
             listener,
@@ -145,10 +151,16 @@ pub fn restore(dir: &Path, filter: &NotifyFilter) -> Result<Restored> {
             page_bytes: chain.page_bytes(),
             state: chain.state,
             sockets,
+            hosts,
         }),
         Err(e) => {
+            // pid 1 takes its namespace with it; the others are reaped as our tracees.
             let _ = sys::process::kill(stub, libc::SIGKILL);
             let _ = sys::process::wait_pid(stub);
+            for c in created {
+                let _ = sys::process::kill(c, libc::SIGKILL);
+                let _ = sys::process::wait_pid(c);
+            }
             Err(e)
         }
     }
@@ -214,12 +226,12 @@ fn read_i32(fd: &std::os::fd::OwnedFd) -> Result<i32> {
 
 fn free_gap(chain: &Chain, stub_maps: &[crate::model::Vma]) -> u64 {
     let mut at = 0x10_0000u64;
+    let st = &chain.state;
     loop {
         let end = at + SCRATCH_LEN;
-        let clash = chain
-            .state
-            .vmas
-            .iter()
+        let clash = std::iter::once(st)
+            .chain(st.procs.iter())
+            .flat_map(|p| p.vmas.iter())
             .chain(stub_maps)
             .any(|v| v.start < end && at < v.end);
         if !clash {
@@ -231,7 +243,47 @@ fn free_gap(chain: &Chain, stub_maps: &[crate::model::Vma]) -> u64 {
 
 type Altstacks = std::collections::BTreeMap<i32, (u64, i32, u64)>;
 
-fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)> {
+/// Open file descriptions already rebuilt: description number → (pid inside the namespace,
+/// fd there) of a process that holds it.
+type Registry = HashMap<u64, (i32, i32)>;
+
+/// The processes of the tree other than pid 1, each parent before its children.
+fn tree_order(st: &ProcState) -> Result<Vec<&ProcState>> {
+    let mut done = vec![1];
+    let mut out = Vec::new();
+    let mut left: Vec<&ProcState> = st.procs.iter().collect();
+    while !left.is_empty() {
+        let before = left.len();
+        left.retain(|p| {
+            if done.contains(&p.ppid) {
+                out.push(*p);
+                done.push(p.ns_pid());
+                false
+            } else {
+                true
+            }
+        });
+        if left.len() == before {
+            return Err(Error::Image(format!(
+                "process {} has parent {}, which is not in the image",
+                left[0].ns_pid(),
+                left[0].ppid
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Rebuilds the whole tree: pid 1 from the stub, every other process as a bare copy of the
+/// stub made by its parent (clone3 `set_tid`, so it gets its recorded pid and parent), then
+/// each process rebuilt in turn (descriptions shared between processes are created once and
+/// installed in the others with `pidfd_getfd`), then all of them let go.
+#[allow(clippy::type_complexity)]
+fn drive_tree(
+    pid: Pid,
+    chain: &Chain,
+    created: &mut Vec<Pid>,
+) -> Result<(Incarnation, SocketLog, Altstacks, BTreeMap<i32, Pid>)> {
     let st = &chain.state;
     let t = ptrace::seize(
         pid,
@@ -247,7 +299,6 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
     let stub_maps =
         crate::procfs::maps(pid).map_err(|e| Error::sys("reading the new process's maps", e))?;
     let scratch = free_gap(chain, &stub_maps);
-    let pidfd = PidFd::open(pid).map_err(|e| Error::sys("pidfd_open", e))?;
     let mut d = Driver {
         t,
         pid,
@@ -276,6 +327,193 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
         .map_err(|e| Error::sys("writing the scratch page", e))?;
     d.insn = scratch;
 
+    // Bare copies of the stub (scratch page included) for the other processes, each made
+    // by its parent so parent/child links come back as they were.
+    let mut drivers: Vec<(i32, Driver)> = vec![(1, d)];
+    let mut hosts = BTreeMap::from([(1, pid)]);
+    let mut zombie_parents = Vec::new();
+    for p in tree_order(st)? {
+        let parent = drivers.iter_mut().find(|d| d.0 == p.ppid).ok_or_else(|| {
+            Error::Image(format!(
+                "process {}: its parent {} exited (a zombie has no children)",
+                p.ns_pid(),
+                p.ppid
+            ))
+        })?;
+        let child = fork_child(&mut parent.1, p.ns_pid())?;
+        created.push(child.pid);
+        hosts.insert(p.ns_pid(), child.pid);
+        match p.zombie {
+            Some(status) => {
+                end_as_zombie(child, status)?;
+                // Its SIGCHLD was handled before the checkpoint: not again.
+                zombie_parents.push(p.ppid);
+            }
+            None => drivers.push((p.ns_pid(), child)),
+        }
+    }
+    let mut reg = Registry::new();
+    let mut sockets = SocketLog::default();
+    let mut altstacks = Altstacks::new();
+    let mut built = Vec::new();
+    for (nspid, d) in drivers {
+        let pst = if nspid == 1 {
+            st
+        } else {
+            st.procs
+                .iter()
+                .find(|p| p.ns_pid() == nspid)
+                .expect("ordered from the image")
+        };
+        let mut b = build(d, pst, chain, &mut reg)?;
+        b.drop_sigchld = zombie_parents.contains(&nspid);
+        sockets
+            .backlog
+            .extend(b.sockets.backlog.iter().map(|(k, v)| (*k, *v)));
+        sockets
+            .sockopts
+            .extend(b.sockets.sockopts.iter().map(|(k, v)| (*k, v.clone())));
+        altstacks.extend(b.altstacks.iter().map(|(k, v)| (*k, *v)));
+        built.push(b);
+    }
+    // Every process is rebuilt: let them go, children first, pid 1 last.
+    let root_pidfd = PidFd::open(pid).map_err(|e| Error::sys("pidfd_open", e))?;
+    let mut procs = Vec::new();
+    for b in built.into_iter().rev() {
+        procs.push(finish(b)?);
+    }
+    Ok((
+        Incarnation::restored(pid, root_pidfd, procs),
+        sockets,
+        altstacks,
+        hosts,
+    ))
+}
+
+/// Children of `pid` (host pids).
+fn children_now(pid: Pid) -> Vec<Pid> {
+    sys::process::children_of(pid).unwrap_or_default()
+}
+
+/// Makes `parent` (a bare stub) fork a copy of itself with pid `nspid` inside the namespace
+/// (clone3 `set_tid`), traced from its first instruction.
+fn fork_child(parent: &mut Driver, nspid: i32) -> Result<Driver> {
+    let opts = ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL | ptrace::O_SUSPEND_SECCOMP;
+    parent
+        .t
+        .set_options(opts | ptrace::O_TRACEFORK)
+        .map_err(|e| Error::sys("tracing forks", e))?;
+    let before = children_now(parent.pid);
+    // struct clone_args (v2, 88 bytes), then the set_tid array.
+    let set_tid_at = parent.scratch + 64 + 88;
+    let mut b = Vec::with_capacity(96);
+    for w in [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, set_tid_at, 1, 0] {
+        b.extend_from_slice(&w.to_le_bytes());
+    }
+    b.extend_from_slice(&(nspid as u64).to_le_bytes());
+    let a = parent.data(&b)?;
+    let got = parent.sys(
+        &format!("clone3 process {nspid}"),
+        libc::SYS_clone3,
+        [a, 88, 0, 0, 0, 0],
+    )?;
+    parent
+        .t
+        .set_options(opts)
+        .map_err(|e| Error::sys("tracing forks", e))?;
+    if got as i32 != nspid {
+        return Err(Error::Restore(format!(
+            "process came back as pid {got}, not {nspid}"
+        )));
+    }
+    let host = children_now(parent.pid)
+        .into_iter()
+        .find(|c| !before.contains(c))
+        .ok_or_else(|| Error::Restore(format!("process {nspid} not found in /proc")))?;
+    let mut t = ptrace::adopt_new_thread(host)
+        .map_err(|e| Error::sys(format!("taking over new process {nspid}"), e))?;
+    t.set_options(opts)
+        .map_err(|e| Error::sys("setting options of a new process", e))?;
+    let mem = MemFile::open(host).map_err(|e| Error::sys("opening /proc/PID/mem", e))?;
+    Ok(Driver {
+        t,
+        pid: host,
+        insn: parent.scratch,
+        mem,
+        scratch: parent.scratch,
+    })
+}
+
+/// A child that was a zombie at the checkpoint: it ends again the way it ended (its wait
+/// status), so its parent's `wait` finds the same thing.
+fn end_as_zombie(mut d: Driver, status: i32) -> Result<()> {
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        // Default action, no core file, not blocked; then the signal.
+        let a = d.data(&[0u8; 16])?;
+        let _ = d.sys(
+            "prlimit64(RLIMIT_CORE)",
+            libc::SYS_prlimit64,
+            [0, libc::RLIMIT_CORE as u64, a, 0, 0, 0],
+        );
+        let a = d.data(&[0u8; 32])?;
+        d.sys(
+            "rt_sigaction(SIG_DFL)",
+            libc::SYS_rt_sigaction,
+            [sig as u64, a, 0, 8, 0, 0],
+        )?;
+        d.t.set_sigmask(0)
+            .map_err(|e| Error::sys("unblocking signals", e))?;
+        sys::process::kill(d.pid, sig).map_err(|e| Error::sys("ending a zombie again", e))?;
+        d.t.detach()
+            .map_err(|e| Error::sys("ending a zombie again", e))?;
+        return Ok(());
+    }
+    let code = libc::WEXITSTATUS(status);
+    match d
+        .t
+        .inject_syscall(d.insn, libc::SYS_exit_group, [code as u64, 0, 0, 0, 0, 0])
+    {
+        Err(e) if ptrace::ended(&e).is_some() => Ok(()),
+        Err(e) => Err(Error::sys("ending a zombie again", e)),
+        Ok(r) => Err(Error::Restore(format!("exit_group returned {r}"))),
+    }
+}
+
+/// One process of the tree, rebuilt and still stopped.
+struct Built {
+    d: Driver,
+    nspid: i32,
+    /// Its other threads, stopped with their state loaded.
+    threads: Vec<Tracee<Stopped>>,
+    leader: crate::model::ThreadState,
+    /// `(host tid, pending standard signals)`, the leader first.
+    pending_threads: Vec<(Pid, u64)>,
+    pending: u64,
+    tracker: Option<WpTracker>,
+    known: Vec<crate::model::Vma>,
+    brk: u64,
+    /// Temporary fds (pipe ends other processes took their copies from): closed last.
+    held: Vec<u64>,
+    /// The SIGCHLDs of zombies recreated under it are not passed on.
+    drop_sigchld: bool,
+    sockets: SocketLog,
+    altstacks: Altstacks,
+}
+
+/// Rebuilds one process from its bare stub: memory, layout, fds, cwd, signals, limits,
+/// threads. Leaves it stopped.
+fn build(mut d: Driver, st: &ProcState, chain: &Chain, reg: &mut Registry) -> Result<Built> {
+    let pid = d.pid;
+    let nspid = st.ns_pid();
+    if st.threads.is_empty() {
+        return Err(Error::Image(format!("process {nspid}: no thread recorded")));
+    }
+    let pidfd = PidFd::open(pid).map_err(|e| Error::sys("pidfd_open", e))?;
+    let scratch = d.scratch;
+    let tree: Vec<&ProcState> = std::iter::once(&chain.state)
+        .chain(chain.state.procs.iter())
+        .collect();
     // An empty process: no fds but stdio, no memory but the scratch page.
     // Keep the fds the program inherited from its guard (the restorer's own, same numbers).
     let stub_fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -397,7 +635,7 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
     }
     // Page contents, in runs, straight from the layer buffers.
     let tf = std::time::Instant::now();
-    for (a, bytes) in chain.runs() {
+    for (a, bytes) in chain.runs_of(nspid) {
         sys::remote_mem::write(pid, a, bytes)
             .map_err(|e| Error::sys(format!("filling memory at {a:#x}"), e))?;
     }
@@ -414,7 +652,16 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
     }
     tracing::debug!(target: "guard", "restore: memory filled in {:?}", tf.elapsed());
     set_mm(&mut d, st)?;
-    let sockets = restore_fds(&mut d, &st.fds, &stub_fds, pidfd.as_fd())?;
+    let mut held = Vec::new();
+    let sockets = restore_fds(
+        &mut d,
+        &st.fds,
+        &stub_fds,
+        pidfd.as_fd(),
+        (nspid, &tree),
+        reg,
+        &mut held,
+    )?;
     let pa = d.path(&st.cwd)?;
     d.sys(
         &format!("chdir {}", st.cwd),
@@ -548,6 +795,49 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
         d.t.set_options(opts)
             .map_err(|e| Error::sys("tracing clones", e))?;
     }
+    let mut pending_threads = vec![(pid, th.pending)];
+    for (nt, ts) in threads.iter().zip(&st.threads[1..]) {
+        pending_threads.push((nt.pid(), ts.pending));
+    }
+    Ok(Built {
+        d,
+        nspid,
+        threads,
+        leader: th.clone(),
+        pending_threads,
+        pending: st.pending,
+        tracker,
+        known,
+        brk: st.mm.brk,
+        held,
+        drop_sigchld: false,
+        sockets,
+        altstacks,
+    })
+}
+
+/// Lets a rebuilt process go: closes the temporary fds, leaves through its own vDSO, drops
+/// the scratch page, loads the leader's registers and detaches every thread.
+fn finish(b: Built) -> Result<Proc> {
+    let Built {
+        mut d,
+        nspid,
+        threads,
+        leader: th,
+        pending_threads,
+        pending,
+        tracker,
+        known,
+        brk,
+        held,
+        drop_sigchld,
+        ..
+    } = b;
+    let pid = d.pid;
+    let scratch = d.scratch;
+    for h in held {
+        d.sys("close", libc::SYS_close, [h, 0, 0, 0, 0, 0])?;
+    }
     // Leave through the program's own vDSO, then drop the scratch page.
     d.insn = sys::remote_mem::find_syscall_insn(pid)
         .map_err(|e| Error::sys("finding a syscall instruction in the restored vDSO", e))?;
@@ -567,35 +857,39 @@ fn drive(pid: Pid, chain: &Chain) -> Result<(Incarnation, SocketLog, Altstacks)>
         .map_err(|e| Error::sys("loading the signal mask", e))?;
     d.t.set_options(ptrace::O_TRACESYSGOOD)
         .map_err(|e| Error::sys("re-enabling seccomp", e))?;
-    tracing::debug!(target: "guard", "restore: tracker armed at {:?}", tf.elapsed());
-    let mut tids = vec![(pid, th.pending)];
-    for (nt, ts) in threads.iter().zip(&st.threads[1..]) {
-        tids.push((nt.pid(), ts.pending));
-    }
+    tracing::debug!(target: "guard", "restore: process {nspid} ready");
     for mut nt in threads {
         nt.set_options(ptrace::O_TRACESYSGOOD)
             .map_err(|e| Error::sys("re-enabling seccomp", e))?;
         nt.detach()
             .map_err(|e| Error::sys("starting a restored thread", e))?;
     }
+    // Signals seen while we drove it are passed on after the detach.
+    let seen: Vec<i32> =
+        d.t.take_pending_signals()
+            .into_iter()
+            .filter(|&s| !(drop_sigchld && s == libc::SIGCHLD))
+            .collect();
     d.t.detach()
         .map_err(|e| Error::sys("starting the restored program", e))?;
+    for sig in seen {
+        let _ = sys::process::kill(pid, sig);
+    }
     // Signals that were pending (blocked, mostly) are sent again, to the process or thread.
     let sigs = |mask: u64| {
         (1..=31).filter(move |s| {
             mask & (1u64 << (s - 1)) != 0 && *s != libc::SIGKILL && *s != libc::SIGSTOP
         })
     };
-    for sig in sigs(st.pending) {
+    for sig in sigs(pending) {
         let _ = sys::process::kill(pid, sig);
     }
-    for (tid, mask) in tids {
+    for (tid, mask) in pending_threads {
         for sig in sigs(mask) {
             let _ = ptrace::tgkill(pid, tid, sig);
         }
     }
-    let inc = Incarnation::restored(pid, pidfd, tracker, known, st.mm.brk)?;
-    Ok((inc, sockets, altstacks))
+    Proc::restored(pid, nspid, tracker, known, brk)
 }
 
 /// Per-thread kernel state a thread must set itself: alternate signal stack, rseq, robust
@@ -726,12 +1020,48 @@ fn set_mm(d: &mut Driver, st: &ProcState) -> Result<()> {
     Ok(())
 }
 
+/// Installs description `held` (fd `.1` of process `.0`, pids inside the namespace) as fd
+/// `target` of the process `d` drives (pid `me`): a dup within one process, `pidfd_open` +
+/// `pidfd_getfd` across processes (both give the same open file description, as fork did).
+fn install(d: &mut Driver, me: i32, held: (i32, i32), target: i32, cloexec: bool) -> Result<()> {
+    let (hp, hfd) = held;
+    let tmp = if hp == me {
+        d.sys(
+            "fcntl(F_DUPFD)",
+            libc::SYS_fcntl,
+            [hfd as u64, libc::F_DUPFD as u64, 0, 0, 0, 0],
+        )?
+    } else {
+        let pfd = d.sys(
+            &format!("pidfd_open({hp})"),
+            libc::SYS_pidfd_open,
+            [hp as u64, 0, 0, 0, 0, 0],
+        )?;
+        let r = d.sys(
+            &format!("pidfd_getfd(fd {hfd} of process {hp})"),
+            libc::SYS_pidfd_getfd,
+            [pfd, hfd as u64, 0, 0, 0, 0],
+        );
+        d.sys("close", libc::SYS_close, [pfd, 0, 0, 0, 0, 0])?;
+        r?
+    };
+    d.place(tmp, target, cloexec)
+}
+
+/// Rebuilds one process's fd table. `tree` is `(this process's pid, every process's state)`;
+/// descriptions shared with processes rebuilt earlier are installed from them (`reg`), the
+/// rest are created and recorded in `reg`. Pipe ends this process does not hold itself stay
+/// open at fds listed in `held` until every process is rebuilt.
 fn restore_fds(
     d: &mut Driver,
     fds: &[Fd],
     stub_fds: &[i32],
     pidfd: std::os::fd::BorrowedFd<'_>,
+    tree: (i32, &[&ProcState]),
+    reg: &mut Registry,
+    held: &mut Vec<u64>,
 ) -> Result<SocketLog> {
+    let (me, tree) = tree;
     let high = fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 1;
     let cloexec = |f: &Fd| f.flags & libc::O_CLOEXEC != 0;
     let nb = |f: &Fd| f.flags & libc::O_NONBLOCK != 0;
@@ -739,6 +1069,14 @@ fn restore_fds(
     let mut socklog = SocketLog::default();
     let mut sock_fds: Vec<(i32, i32, Vec<crate::model::SockOpt>)> = Vec::new();
     for f in fds {
+        if f.desc != 0
+            && f.kind != FdKind::Inherited
+            && !matches!(f.kind, FdKind::Epoll { .. })
+            && let Some(&h) = reg.get(&f.desc)
+        {
+            install(d, me, h, f.fd, cloexec(f))?;
+            continue;
+        }
         match &f.kind {
             FdKind::Epoll { .. } => {}
             FdKind::Inherited if stub_fds.contains(&f.fd) => {}
@@ -779,6 +1117,73 @@ fn restore_fds(
                     [libc::AT_FDCWD as u64, pa, flags as u64, 0, 0, 0],
                 )?;
                 d.place(fd, f.fd, cloexec(f))?;
+            }
+            FdKind::Pipe {
+                inode, write_end, ..
+            } if f.desc != 0 => {
+                // A new pipe: both ends are created here; the end (or description) other
+                // processes hold is taken from here by them.
+                let ends: Vec<&Fd> = tree
+                    .iter()
+                    .flat_map(|p| p.fds.iter())
+                    .filter(|g| matches!(g.kind, FdKind::Pipe { inode: i, .. } if i == *inode))
+                    .collect();
+                let a = d.data(&[0u8; 8])?;
+                d.sys("pipe2", libc::SYS_pipe2, [a, 0, 0, 0, 0, 0])?;
+                let mut b = [0u8; 8];
+                d.mem
+                    .read_exact_at(a, &mut b)
+                    .map_err(|e| Error::sys("reading pipe fds", e))?;
+                let r = u64::from(u32::from_le_bytes(b[..4].try_into().expect("4 bytes")));
+                let w = u64::from(u32::from_le_bytes(b[4..].try_into().expect("4 bytes")));
+                let mut moved = [0u64; 2];
+                for (i, end) in [r, w].into_iter().enumerate() {
+                    moved[i] = d.sys(
+                        "fcntl(F_DUPFD)",
+                        libc::SYS_fcntl,
+                        [end, libc::F_DUPFD as u64, high, 0, 0, 0],
+                    )?;
+                    d.sys("close", libc::SYS_close, [end, 0, 0, 0, 0, 0])?;
+                    held.push(moved[i]);
+                    let we = i == 1;
+                    let descs = ends.iter().filter(
+                        |g| matches!(g.kind, FdKind::Pipe { write_end, .. } if write_end == we),
+                    );
+                    let mut flagged = false;
+                    for g in descs {
+                        if !flagged && nb(g) {
+                            d.sys(
+                                "fcntl(F_SETFL O_NONBLOCK)",
+                                libc::SYS_fcntl,
+                                [
+                                    moved[i],
+                                    libc::F_SETFL as u64,
+                                    libc::O_NONBLOCK as u64,
+                                    0,
+                                    0,
+                                    0,
+                                ],
+                            )?;
+                        }
+                        flagged = true;
+                        reg.entry(g.desc).or_insert((me, moved[i] as i32));
+                    }
+                }
+                // Bytes that were buffered in the pipe go back in, through our copy of its
+                // write end.
+                for e in &ends {
+                    if let FdKind::Pipe { data, capacity, .. } = &e.kind
+                        && !data.is_empty()
+                    {
+                        let copy = sys::guard_fd::pidfd_getfd(pidfd, moved[1] as i32)
+                            .map_err(|e| Error::sys("pidfd_getfd of a rebuilt pipe", e))?;
+                        sys::guard_fd::pipe_fill(copy.as_fd(), data, *capacity as usize)
+                            .map_err(|e| Error::sys("refilling a pipe", e))?;
+                    }
+                }
+                let mine = moved[usize::from(*write_end)];
+                install(d, me, (me, mine as i32), f.fd, cloexec(f))?;
+                continue;
             }
             FdKind::Pipe { inode, .. } => {
                 if done_pipes.contains(inode) {
@@ -986,11 +1391,23 @@ fn restore_fds(
                 d.place(s, f.fd, cloexec(f))?;
             }
         }
+        if f.desc != 0 && !matches!(f.kind, FdKind::Epoll { .. } | FdKind::Inherited) {
+            reg.entry(f.desc).or_insert((me, f.fd));
+        }
     }
     for f in fds {
         if let FdKind::Epoll { entries } = &f.kind {
+            if f.desc != 0
+                && let Some(&h) = reg.get(&f.desc)
+            {
+                install(d, me, h, f.fd, cloexec(f))?;
+                continue;
+            }
             let e = d.sys("epoll_create1", libc::SYS_epoll_create1, [0, 0, 0, 0, 0, 0])?;
             d.place(e, f.fd, cloexec(f))?;
+            if f.desc != 0 {
+                reg.insert(f.desc, (me, f.fd));
+            }
             for (tfd, events, data) in entries {
                 let mut b = events.to_le_bytes().to_vec();
                 b.extend_from_slice(&data.to_le_bytes());

@@ -150,3 +150,60 @@ pub fn pipe_fill(write_end: BorrowedFd<'_>, data: &[u8], capacity: usize) -> io:
     }
     Ok(())
 }
+
+const KCMP_FILE: i32 = 0;
+const KCMP_VM: i32 = 1;
+
+fn kcmp(pid1: crate::Pid, pid2: crate::Pid, kind: i32, a: u64, b: u64) -> io::Result<i64> {
+    // SAFETY: kcmp takes integers only and reads nothing from our memory.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1.as_raw(),
+            pid2.as_raw(),
+            kind,
+            a as libc::c_ulong,
+            b as libc::c_ulong,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as i64)
+}
+
+/// Whether fd `fd1` of `pid1` and fd `fd2` of `pid2` are the same open file description
+/// (`kcmp(KCMP_FILE)`: what fork and dup share). Needs ptrace-read rights over both.
+pub fn same_file(pid1: crate::Pid, fd1: i32, pid2: crate::Pid, fd2: i32) -> io::Result<bool> {
+    Ok(kcmp(pid1, pid2, KCMP_FILE, fd1 as u64, fd2 as u64)? == 0)
+}
+
+/// Whether two processes share one address space (`kcmp(KCMP_VM)`: a vfork child before
+/// its exec, or a `CLONE_VM` child).
+pub fn same_mm(pid1: crate::Pid, pid2: crate::Pid) -> io::Result<bool> {
+    Ok(kcmp(pid1, pid2, KCMP_VM, 0, 0)? == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kcmp_tells_shared_descriptions_and_address_spaces_apart() {
+        let me = crate::Pid::this();
+        let a = std::fs::File::open("/proc/self/stat").unwrap();
+        let dup = a.try_clone().unwrap();
+        let other = std::fs::File::open("/proc/self/stat").unwrap();
+        let (a, dup, other) = (a.as_raw_fd(), dup.as_raw_fd(), other.as_raw_fd());
+        assert!(
+            same_file(me, a, me, dup).unwrap(),
+            "dup shares the description"
+        );
+        assert!(
+            !same_file(me, a, me, other).unwrap(),
+            "a second open does not"
+        );
+        assert!(same_mm(me, me).unwrap());
+        assert!(same_file(me, a, me, 9999).is_err(), "no such fd");
+    }
+}

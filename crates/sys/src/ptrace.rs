@@ -16,6 +16,9 @@ pub const O_SUSPEND_SECCOMP: u32 = 1 << 21;
 pub const O_TRACESYSGOOD: u32 = libc::PTRACE_O_TRACESYSGOOD as u32;
 /// `PTRACE_O_TRACECLONE`: threads the tracee creates are traced too, starting stopped.
 pub const O_TRACECLONE: u32 = libc::PTRACE_O_TRACECLONE as u32;
+/// `PTRACE_O_TRACEFORK`: processes the tracee forks (clone with `SIGCHLD` as exit signal,
+/// fork, clone3) are traced too, starting stopped.
+pub const O_TRACEFORK: u32 = libc::PTRACE_O_TRACEFORK as u32;
 /// `PTRACE_O_EXITKILL`: the tracee is SIGKILLed if the tracer exits (restore in progress).
 pub const O_EXITKILL: u32 = libc::PTRACE_O_EXITKILL as u32;
 

@@ -105,6 +105,10 @@ fn print_status(s: &guard::guard::Status) {
         s.last_layer, s.layers_written, s.last_layer_bytes
     );
     println!("last pause     {} µs", s.last_pause_us);
+    println!(
+        "processes      {} (pid 1 and the processes it forked)",
+        s.processes
+    );
     println!("trapped calls  {}", s.trapped_calls);
     println!("restores       {}", s.restores);
     if s.restorable {

@@ -29,7 +29,7 @@
 //!    128-byte slot, its data, its pointer blocks and, for a directory, its entries;
 //! 3. `SUPER_LOCK` last: the superblock's mutable fields (free-inode count, allocation hint).
 //!
-//! Every upcall runs inside one [`Locks`] set that enforces this: asking for a lock ranked
+//! Every upcall runs inside one `Locks` set that enforces this: asking for a lock ranked
 //! below the highest one held answers `ESTALE` instead of risking a deadlock (the kernel
 //! retries a path operation that fails with `ESTALE` once, with revalidation). Operations
 //! whose locks depend on what they read (a name's inode, `..`, a free inode to allocate)
@@ -54,7 +54,13 @@
 //! directory entry's ino, kind and name, pointer-block entries, the link count and kind of an
 //! inode a name leads to, the superblock's magic, version, crc and counts. An inconsistency is
 //! answered with `EUCLEAN` (a failed check, a module fault for the host), never a panic or a
-//! wrong answer. `fsck` is the whole-structure check.
+//! wrong answer. `fsck` is the whole-structure check (`fsck.rs`).
+//!
+//! # Fault sites
+//!
+//! [`Pm::site`] tests select faulty variants of the code for issue 6's injection campaign
+//! (G-SWIFT operators, plus points where the host corrupts module memory); the table with
+//! what each one does is [`SITES`] (`sites.rs`). Unarmed, every test is false.
 #![forbid(unsafe_code)]
 
 use fsapi::{
@@ -472,7 +478,11 @@ impl Smfs {
     }
 
     fn iput(&self, pm: &mut dyn Pm, ino: Ino, i: &Inode) -> FsResult<()> {
-        let (b, off) = self.iloc(ino)?;
+        let (b, off) = if pm.site(44) {
+            self.iloc(Ino(ino.0 + 1))?
+        } else {
+            self.iloc(ino)?
+        };
         pm.bwrite(b, off, &i.encode())
     }
 
@@ -567,27 +577,40 @@ impl Smfs {
             return Err(Errno::EUCLEAN);
         }
         let now = pm.now();
-        let i = Inode {
-            mode,
-            nlink: 1,
-            uid: ctx.uid,
-            gid: ctx.gid,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            generation: old.generation.wrapping_add(1),
-            ..Inode::default()
+        let i = if pm.site(10) {
+            Inode {
+                mode,
+                nlink: 1,
+                ..Inode::default()
+            }
+        } else {
+            Inode {
+                mode,
+                nlink: if pm.site(39) { 0 } else { 1 },
+                uid: ctx.uid,
+                gid: ctx.gid,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                generation: old.generation.wrapping_add(1),
+                ..Inode::default()
+            }
         };
+        pm.site(59);
         self.iput(pm, ino, &i)?;
         sb.free_inodes -= 1;
         sb.hint = ino.0 % g.ninodes + 1;
-        Self::write_super(pm, &sb)?;
+        if !pm.site(4) {
+            Self::write_super(pm, &sb)?;
+        }
         Ok((ino, i))
     }
 
     /// Frees an inode and all its blocks (caller holds its lock). Takes `SUPER_LOCK`.
     fn ifree(&self, pm: &mut dyn Pm, l: &mut Locks, ino: Ino, mut i: Inode) -> FsResult<()> {
-        self.trunc_blocks(pm, &mut i, 0)?;
+        if !pm.site(3) {
+            self.trunc_blocks(pm, &mut i, 0)?;
+        }
         let freed = Inode {
             generation: i.generation,
             ..Inode::default()
@@ -604,9 +627,20 @@ impl Smfs {
 
     /// Drops a name's link; frees the node when no name and no open file refer to it.
     fn drop_link(&self, pm: &mut dyn Pm, l: &mut Locks, ino: Ino, mut i: Inode) -> FsResult<()> {
-        i.nlink = i.nlink.saturating_sub(if i.is_dir() { i.nlink } else { 1 });
+        if !pm.site(17) {
+            if pm.site(18) {
+                i.nlink = i.nlink.saturating_sub(1);
+            } else {
+                i.nlink = i.nlink.saturating_sub(if i.is_dir() { i.nlink } else { 1 });
+            }
+        }
         i.ctime = pm.now();
-        if i.nlink == 0 && pm.refs(ino) == 0 {
+        let last_link = if pm.site(34) {
+            i.nlink <= 1
+        } else {
+            i.nlink == 0
+        };
+        if last_link && (pm.site(33) || pm.refs(ino) == 0) {
             self.ifree(pm, l, ino, i)
         } else {
             self.iput(pm, ino, &i)
@@ -630,7 +664,9 @@ impl Smfs {
 
     fn alloc_blk(pm: &mut dyn Pm, i: &mut Inode) -> FsResult<u64> {
         let b = pm.get_next_blk()?.0;
-        i.nblk += 1;
+        if !pm.site(24) {
+            i.nblk += 1;
+        }
         Ok(b)
     }
 
@@ -639,7 +675,8 @@ impl Smfs {
     fn bmap(&self, pm: &mut dyn Pm, i: &mut Inode, lbn: u64, alloc: bool) -> FsResult<Option<u64>> {
         let per = self.per_ptr()?;
         let nd = NDIRECT as u64;
-        let (root_idx, path): (usize, Vec<u64>) = if lbn < nd {
+        let direct = if pm.site(53) { lbn <= nd } else { lbn < nd };
+        let (root_idx, path): (usize, Vec<u64>) = if direct {
             (lbn as usize, vec![])
         } else if lbn - nd < per {
             (NDIRECT, vec![lbn - nd])
@@ -652,14 +689,17 @@ impl Smfs {
         } else {
             return Err(Errno::EFBIG);
         };
-        let mut cur = i.ptr[root_idx];
+        let mut cur = if pm.site(12) { 0 } else { i.ptr[root_idx] };
         if cur == 0 {
             if !alloc {
                 return Ok(None);
             }
             cur = Self::alloc_blk(pm, i)?;
-            i.ptr[root_idx] = cur;
+            if !pm.site(19) {
+                i.ptr[root_idx] = cur;
+            }
         }
+        pm.site(60);
         for idx in path {
             let mut next = self.read_ptr(pm, cur, idx)?;
             if next == 0 {
@@ -690,6 +730,7 @@ impl Smfs {
             let span = per.pow(level - 1);
             let mut buf = vec![0u8; g.bs];
             pm.bread(BlockNo(blk), 0, &mut buf)?;
+            pm.site(63);
             // The run of pointers zeroed here: only those bytes are written back.
             let mut changed: Option<(usize, usize)> = None;
             for j in 0..per {
@@ -700,7 +741,7 @@ impl Smfs {
                 if child != 0 && !g.data_blk(child) {
                     return Err(Errno::EUCLEAN);
                 }
-                if child != 0
+                if (child != 0 || pm.site(37))
                     && self.trunc_tree(pm, i, child, level - 1, start.saturating_sub(j * span))?
                 {
                     put_u64(&mut buf, j as usize * 8, 0);
@@ -717,7 +758,9 @@ impl Smfs {
         } else if start > 0 {
             return Ok(false);
         }
-        pm.free_blk(BlockNo(blk))?;
+        if !pm.site(7) {
+            pm.free_blk(BlockNo(blk))?;
+        }
         i.nblk = i.nblk.saturating_sub(1);
         Ok(true)
     }
@@ -732,7 +775,10 @@ impl Smfs {
             (NDIRECT + 2, 3u32, nd + per + per * per),
         ];
         for d in 0..NDIRECT {
-            if d as u64 >= from && i.ptr[d] != 0 && self.trunc_tree(pm, i, i.ptr[d], 0, 0)? {
+            if (pm.site(35) || d as u64 >= from)
+                && i.ptr[d] != 0
+                && self.trunc_tree(pm, i, i.ptr[d], 0, 0)?
+            {
                 i.ptr[d] = 0;
             }
         }
@@ -753,8 +799,13 @@ impl Smfs {
         if size > g.max_bytes() {
             return Err(Errno::EFBIG);
         }
-        if size < i.size {
-            self.trunc_blocks(pm, i, size.div_ceil(bs))?;
+        if !pm.site(28) && size < i.size {
+            let from = if pm.site(29) {
+                size / bs
+            } else {
+                size.div_ceil(bs)
+            };
+            self.trunc_blocks(pm, i, from)?;
             let tail = (size % bs) as usize;
             if tail != 0
                 && let Some(b) = self.bmap(pm, i, size / bs, false)?
@@ -774,7 +825,7 @@ impl Smfs {
         size: usize,
     ) -> FsResult<Vec<u8>> {
         let bs = self.geo()?.bs as u64;
-        if offset >= i.size {
+        if !pm.site(32) && offset >= i.size {
             return Ok(Vec::new());
         }
         let end = (offset + size as u64).min(i.size);
@@ -785,7 +836,8 @@ impl Smfs {
             let boff = (pos % bs) as usize;
             let n = ((bs - boff as u64).min(end - pos)) as usize;
             let dst = (pos - offset) as usize;
-            if let Some(b) = self.bmap(pm, i, lbn, false)? {
+            let l = if pm.site(42) { lbn + 1 } else { lbn };
+            if let Some(b) = self.bmap(pm, i, l, false)? {
                 pm.bread(BlockNo(b), boff, &mut out[dst..dst + n])?;
             }
             pos += n as u64;
@@ -800,17 +852,20 @@ impl Smfs {
         if end > g.max_bytes() {
             return Err(Errno::EFBIG);
         }
+        pm.site(55);
         let mut pos = offset;
-        while pos < end {
+        let to_end = pm.site(52);
+        while pos < end || (to_end && pos == end) {
             let lbn = pos / bs;
             let boff = (pos % bs) as usize;
             let n = ((bs - boff as u64).min(end - pos)) as usize;
             let b = self.bmap(pm, i, lbn, true)?.ok_or(Errno::EIO)?;
             let src = (pos - offset) as usize;
-            pm.bwrite(BlockNo(b), boff, &data[src..src + n])?;
+            let at = if pm.site(41) { boff + 1 } else { boff };
+            pm.bwrite(BlockNo(b), at, &data[src..src + n])?;
             pos += n as u64;
         }
-        if end > i.size {
+        if end > i.size && !pm.site(15) {
             i.size = end;
         }
         Ok(())
@@ -837,13 +892,15 @@ impl Smfs {
         let spb = self.slots_per_block()?;
         let n = self.nslots(d)?;
         let mut buf = vec![0u8; g.bs];
-        let mut loaded = u64::MAX;
-        for slot in first..n {
+        let mut loaded = if pm.site(11) { 0 } else { u64::MAX };
+        let last = if pm.site(54) { n + 1 } else { n };
+        for slot in first..last {
             let lbn = slot / spb;
             if lbn != loaded {
                 // A directory has no holes.
                 let b = self.bmap(pm, d, lbn, false)?.ok_or(Errno::EUCLEAN)?;
                 pm.bread(BlockNo(b), 0, &mut buf)?;
+                pm.site(56);
                 loaded = lbn;
             }
             let o = (slot % spb) as usize * DIRENT_SIZE;
@@ -866,7 +923,8 @@ impl Smfs {
     }
 
     fn dir_find(&self, pm: &mut dyn Pm, d: &mut Inode, name: &[u8]) -> FsResult<Option<Found>> {
-        self.scan_dir(pm, d, 0, |slot, ino, kind, n| {
+        let first = if pm.site(45) { 1 } else { 0 };
+        self.scan_dir(pm, d, first, |slot, ino, kind, n| {
             (n == name).then_some(Found { slot, ino, kind })
         })
     }
@@ -887,7 +945,9 @@ impl Smfs {
         e[9] = name.len() as u8;
         e[10..10 + name.len()].copy_from_slice(name);
         let b = self.bmap(pm, d, slot / spb, true)?.ok_or(Errno::EIO)?;
-        pm.bwrite(BlockNo(b), (slot % spb) as usize * DIRENT_SIZE, &e)
+        let at = (slot % spb) as usize * DIRENT_SIZE;
+        let at = if pm.site(43) { at + 1 } else { at };
+        pm.bwrite(BlockNo(b), at, &e)
     }
 
     fn clear_slot(&self, pm: &mut dyn Pm, d: &mut Inode, slot: u64) -> FsResult<()> {
@@ -929,8 +989,13 @@ impl Smfs {
         }
         let slot = free.unwrap_or(n);
         self.write_slot(pm, d, slot, ino, kind, name)?;
-        if slot == n {
-            d.size = (n + 1) * DIRENT_SIZE as u64;
+        let appended = if pm.site(22) { slot != n } else { slot == n };
+        if appended && !pm.site(20) {
+            d.size = if pm.site(21) {
+                n * DIRENT_SIZE as u64
+            } else {
+                (n + 1) * DIRENT_SIZE as u64
+            };
         }
         let now = pm.now();
         d.mtime = now;
@@ -982,14 +1047,14 @@ impl Smfs {
             if d.nlink == 0 {
                 return Err(Errno::ENOENT);
             }
-            if self.dir_find(pm, &mut d, name)?.is_some() {
+            if !pm.site(26) && self.dir_find(pm, &mut d, name)?.is_some() {
                 return Err(Errno::EEXIST);
             }
             if kind == FileKind::Dir && d.nlink >= LINK_MAX {
                 return Err(Errno::EMLINK);
             }
             let mut mode = mode;
-            let mut c = *ctx;
+            let mut c = if pm.site(13) { Ctx::default() } else { *ctx };
             if d.mode & libc::S_ISGID != 0 {
                 c.gid = d.gid;
                 if kind == FileKind::Dir {
@@ -999,14 +1064,17 @@ impl Smfs {
             let (ino, mut i) = self.ialloc(pm, l, cand, mode, &c)?;
             fill(self, pm, ino, &mut i)?;
             if kind == FileKind::Dir {
-                i.nlink = 2;
+                i.nlink = if pm.site(38) { 1 } else { 2 };
                 i.rdev = parent.0 as u32;
                 d.nlink += 1;
             }
-            self.iput(pm, ino, &i)?;
+            let at = if pm.site(48) { parent } else { ino };
+            self.iput(pm, at, &i)?;
             self.dir_add(pm, &mut d, name, ino, kind)?;
-            self.iput(pm, parent, &d)?;
-            if open {
+            if !pm.site(6) {
+                self.iput(pm, parent, &d)?;
+            }
+            if open && !pm.site(9) {
                 pm.vref(ino)?;
             }
             i.attr(ino)
@@ -1026,20 +1094,25 @@ impl Smfs {
                 if !i.is_dir() {
                     return Err(Errno::ENOTDIR);
                 }
-                if !self.dir_is_empty(pm, &mut i)? {
+                if !pm.site(27) && !self.dir_is_empty(pm, &mut i)? {
                     return Err(Errno::ENOTEMPTY);
                 }
-                d.nlink = d.nlink.checked_sub(1).ok_or(Errno::EUCLEAN)?;
+                if !pm.site(16) {
+                    d.nlink = d.nlink.checked_sub(1).ok_or(Errno::EUCLEAN)?;
+                }
             } else if i.is_dir() {
                 return Err(Errno::EISDIR);
             }
-            self.clear_slot(pm, &mut d, f.slot)?;
+            if !pm.site(2) {
+                self.clear_slot(pm, &mut d, f.slot)?;
+            }
             let now = pm.now();
             d.mtime = now;
             d.ctime = now;
             self.iput(pm, parent, &d)?;
             i.ctime = now;
-            self.drop_link(pm, l, f.ino, i)
+            let victim = if pm.site(50) { parent } else { f.ino };
+            self.drop_link(pm, l, victim, i)
         })
     }
 
@@ -1068,6 +1141,7 @@ impl Smfs {
             self.lock_ino(pm, l, t.ino)?;
         }
         let mut si = self.iget_named(pm, src.ino, src.kind)?;
+        pm.site(62);
         let kind = src.kind;
         let now = pm.now();
         if let Some(t) = dst {
@@ -1090,7 +1164,8 @@ impl Smfs {
                 (false, false) => {}
             }
             // Reuse the target's slot: the name never disappears, as rename(2) promises.
-            self.write_slot(pm, &mut d2, t.slot, src.ino, kind, newname)?;
+            let named = if pm.site(51) { t.ino } else { src.ino };
+            self.write_slot(pm, &mut d2, t.slot, named, kind, newname)?;
             ti.ctime = now;
             self.drop_link(pm, l, t.ino, ti)?;
         } else {
@@ -1103,8 +1178,10 @@ impl Smfs {
             d1 = d2;
         }
         self.clear_slot(pm, &mut d1, src.slot)?;
-        if si.is_dir() && !same_dir {
-            si.rdev = newparent.0 as u32;
+        if si.is_dir() && (pm.site(36) || !same_dir) {
+            if !pm.site(23) {
+                si.rdev = newparent.0 as u32;
+            }
             d1.nlink = d1.nlink.checked_sub(1).ok_or(Errno::EUCLEAN)?;
             d2.nlink += 1;
         }
@@ -1114,7 +1191,8 @@ impl Smfs {
         d1.ctime = now;
         d2.mtime = now;
         d2.ctime = now;
-        self.iput(pm, parent, &d1)?;
+        let first = if pm.site(47) { newparent } else { parent };
+        self.iput(pm, first, &d1)?;
         if !same_dir {
             self.iput(pm, newparent, &d2)?;
         }
@@ -1260,6 +1338,7 @@ impl Module for Smfs {
                 b".." => (Ino(u64::from(d.rdev)), FileKind::Dir),
                 _ => {
                     let f = self.dir_find(pm, &mut d, name)?.ok_or(Errno::ENOENT)?;
+                    pm.site(61);
                     (f.ino, f.kind)
                 }
             };
@@ -1271,7 +1350,9 @@ impl Module for Smfs {
     fn getattr(&mut self, pm: &mut dyn Pm, ino: Ino) -> FsResult<Attr> {
         request(pm, |pm, l| {
             self.lock_ino(pm, l, ino)?;
-            self.iget(pm, ino)?.attr(ino)
+            let i = self.iget(pm, ino)?;
+            pm.site(57);
+            i.attr(ino)
         })
     }
 
@@ -1279,7 +1360,11 @@ impl Module for Smfs {
         request(pm, |pm, l| {
             self.lock_ino(pm, l, ino)?;
             let mut i = self.iget(pm, ino)?;
-            let now = pm.now();
+            let now = if pm.site(14) {
+                Timespec::default()
+            } else {
+                pm.now()
+            };
             if let Some(size) = set.size {
                 Self::check_regular(&i)?;
                 self.set_size(pm, &mut i, size)?;
@@ -1288,7 +1373,11 @@ impl Module for Smfs {
                 }
             }
             if let Some(m) = set.mode {
-                i.mode = (i.mode & libc::S_IFMT) | (m & 0o7777);
+                i.mode = if pm.site(40) {
+                    m & 0o7777
+                } else {
+                    (i.mode & libc::S_IFMT) | (m & 0o7777)
+                };
             }
             if let Some(u) = set.uid {
                 i.uid = u;
@@ -1342,7 +1431,9 @@ impl Module for Smfs {
             let now = pm.now();
             i.mtime = now;
             i.ctime = now;
-            self.iput(pm, ino, &i)?;
+            if !pm.site(1) {
+                self.iput(pm, ino, &i)?;
+            }
             Ok(data.len() as u32)
         })
     }
@@ -1377,8 +1468,10 @@ impl Module for Smfs {
             return Err(Errno::EINVAL);
         }
         let mode = (mode & libc::S_IFMT) | (mode & 0o7777 & !umask);
-        self.make_node(pm, ctx, parent, name, mode, false, |_, _, _, i| {
-            i.rdev = rdev;
+        self.make_node(pm, ctx, parent, name, mode, false, |_, pm, _, i| {
+            if !pm.site(25) {
+                i.rdev = rdev;
+            }
             Ok(())
         })
     }
@@ -1453,11 +1546,14 @@ impl Module for Smfs {
             if self.dir_find(pm, &mut d, newname)?.is_some() {
                 return Err(Errno::EEXIST);
             }
-            self.dir_add(pm, &mut d, newname, ino, i.kind()?)?;
+            let named = if pm.site(49) { newparent } else { ino };
+            self.dir_add(pm, &mut d, newname, named, i.kind()?)?;
             self.iput(pm, newparent, &d)?;
             i.nlink += 1;
             i.ctime = pm.now();
-            self.iput(pm, ino, &i)?;
+            if !pm.site(8) {
+                self.iput(pm, ino, &i)?;
+            }
             i.attr(ino)
         })
     }
@@ -1483,7 +1579,14 @@ impl Module for Smfs {
             name,
             libc::S_IFLNK | 0o777,
             false,
-            |me, pm, _, i| me.write_data(pm, i, 0, target),
+            |me, pm, _, i| {
+                let t = if pm.site(46) {
+                    &target[..target.len() - 1]
+                } else {
+                    target
+                };
+                me.write_data(pm, i, 0, t)
+            },
         )
     }
 
@@ -1511,9 +1614,18 @@ impl Module for Smfs {
     fn release(&mut self, pm: &mut dyn Pm, ino: Ino, _fh: Fh) -> FsResult<()> {
         request(pm, |pm, l| {
             self.lock_ino(pm, l, ino)?;
-            let left = pm.vrele(ino)?;
+            let left = if pm.site(5) {
+                pm.refs(ino)
+            } else {
+                pm.vrele(ino)?
+            };
             let i = self.iget_raw(pm, ino)?;
-            if left == 0 && i.mode != 0 && i.nlink == 0 {
+            let free_it = if pm.site(31) {
+                i.mode != 0 && i.nlink == 0
+            } else {
+                left == 0 && i.mode != 0 && i.nlink == 0
+            };
+            if !pm.site(30) && free_it {
                 self.ifree(pm, l, ino, i)?;
             }
             Ok(())
@@ -1560,6 +1672,7 @@ impl Module for Smfs {
                 });
                 None
             })?;
+            pm.site(58);
             Ok(out)
         })
     }
@@ -1585,7 +1698,9 @@ impl Module for Smfs {
         // A RAM disk: data is in the host's store as soon as a write returns.
         request(pm, |pm, l| {
             self.lock_ino(pm, l, ino)?;
-            self.iget(pm, ino).map(drop)
+            self.iget(pm, ino)?;
+            pm.site(64);
+            Ok(())
         })
     }
 

@@ -1,6 +1,7 @@
 use fsapi::mem::MemPm;
 
 use super::*;
+use fsapi::SiteKind;
 
 fn fresh() -> (Smfs, MemPm) {
     let mut pm = MemPm::new(4096, 2048);
@@ -954,4 +955,52 @@ fn fsck_reports_each_corruption() {
     let dblk = raw_inode(&fs, &mut pm, d).ptr[0];
     poke(&mut pm, dblk, 0, &1u64.to_le_bytes());
     fsck_has(&mut fs, &mut pm, "root is named");
+}
+
+// ---- Fault sites ----
+
+#[test]
+fn site_table_is_dense_unique_and_covers_every_kind() {
+    let sites = Smfs::new().sites();
+    for (k, s) in sites.iter().enumerate() {
+        assert_eq!(s.id as usize, k + 1, "ids are dense from 1");
+        assert!(s.what.contains(':'), "{}: `what` names the upcall", s.id);
+    }
+    for kind in SiteKind::ALL {
+        let n = sites.iter().filter(|s| s.kind == kind).count();
+        assert!(n >= 4, "{kind:?}: only {n} sites");
+    }
+    // Every id is tested exactly once in the code.
+    let src = include_str!("lib.rs");
+    for s in sites {
+        let n = src.matches(&format!("pm.site({})", s.id)).count();
+        assert_eq!(n, 1, "site {} appears {n} times in lib.rs", s.id);
+    }
+    assert_eq!(src.matches("pm.site(").count(), sites.len());
+}
+
+#[test]
+fn every_site_is_reached_by_a_random_workload() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let all: BTreeSet<u32> = Smfs::new().sites().iter().map(|s| s.id).collect();
+    let mut seen = BTreeSet::new();
+    let mut runner = TestRunner::deterministic();
+    for _ in 0..40 {
+        let ops = proptest::collection::vec(op_strategy(), 150)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        let mut d = Driver::new(2048);
+        for op in &ops {
+            d.run(op);
+        }
+        d.close_all();
+        seen.extend(d.pm.sites.iter().copied());
+        if seen == all {
+            return;
+        }
+    }
+    let missing: Vec<u32> = all.difference(&seen).copied().collect();
+    panic!("sites never reached: {missing:?}");
 }

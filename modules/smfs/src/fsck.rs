@@ -137,6 +137,8 @@ impl Smfs {
         let mut inodes: Vec<Option<Inode>> = vec![None; g.ninodes as usize + 1];
         let mut owner: HashMap<u64, u64> = HashMap::new();
         let mut free = 0u64;
+        // Each directory's data blocks, by logical index.
+        let mut dir_data: HashMap<u64, HashMap<u64, u64>> = HashMap::new();
         let per = (g.bs / INODE_SIZE) as u64;
         let mut buf = vec![0u8; g.bs];
         for blk in 0..g.itable_blocks {
@@ -156,7 +158,10 @@ impl Smfs {
                     }
                     continue;
                 }
-                self.fsck_inode(pm, r, g, ino, &i, &mut owner)?;
+                let data = self.fsck_inode(pm, r, g, ino, &i, &mut owner)?;
+                if i.is_dir() {
+                    dir_data.insert(ino, data);
+                }
                 inodes[ino as usize] = Some(i);
             }
         }
@@ -171,13 +176,14 @@ impl Smfs {
         let mut named_by: HashMap<u64, u64> = HashMap::new(); // a directory's naming parent
         let mut children: HashMap<u64, Vec<u64>> = HashMap::new();
         for ino in 1..=g.ninodes {
-            let Some(mut d) = inodes[ino as usize] else {
+            let Some(d) = inodes[ino as usize] else {
                 continue;
             };
             if !d.is_dir() {
                 continue;
             }
-            let entries = self.fsck_entries(pm, r, ino, &mut d)?;
+            let blocks = dir_data.remove(&ino).unwrap_or_default();
+            let entries = Self::fsck_entries(pm, r, g, ino, &d, &blocks)?;
             let mut seen: HashSet<Vec<u8>> = HashSet::new();
             let mut subdirs = 0u32;
             for e in entries {
@@ -306,10 +312,10 @@ impl Smfs {
         ino: u64,
         i: &Inode,
         owner: &mut HashMap<u64, u64>,
-    ) -> FsResult<()> {
+    ) -> FsResult<HashMap<u64, u64>> {
         let Some(kind) = FileKind::from_mode(i.mode) else {
             r.add(format!("ino {ino}: invalid mode {:#o}", i.mode));
-            return Ok(());
+            return Ok(HashMap::new());
         };
         if i.size > g.max_bytes() {
             r.add(format!(
@@ -337,7 +343,7 @@ impl Smfs {
         let roots = [(nd, 1u32), (nd + per, 2u32), (nd + per + per * per, 3u32)];
         let size_blocks = i.size.div_ceil(g.bs as u64);
         let mut count = 0u64;
-        let mut data_lbns: Vec<u64> = Vec::new();
+        let mut data: Vec<(u64, u64)> = Vec::new();
         for (k, p) in i.ptr.iter().enumerate() {
             if *p == 0 {
                 continue;
@@ -347,20 +353,9 @@ impl Smfs {
             } else {
                 roots[k - NDIRECT]
             };
-            self.fsck_tree(
-                pm,
-                r,
-                g,
-                ino,
-                *p,
-                level,
-                base,
-                owner,
-                &mut count,
-                &mut data_lbns,
-            )?;
+            self.fsck_tree(pm, r, g, ino, *p, level, base, owner, &mut count, &mut data)?;
         }
-        if let Some(l) = data_lbns.iter().find(|l| **l >= size_blocks) {
+        if let Some((l, _)) = data.iter().find(|(l, _)| *l >= size_blocks) {
             r.add(format!(
                 "ino {ino}: block at logical {l} beyond size {}",
                 i.size
@@ -375,12 +370,12 @@ impl Smfs {
         if kind == FileKind::Dir {
             let need = i.size / DIRENT_SIZE as u64;
             let spb = (g.bs / DIRENT_SIZE) as u64;
-            let have: HashSet<u64> = data_lbns.iter().copied().collect();
+            let have: HashSet<u64> = data.iter().map(|(l, _)| *l).collect();
             if (0..need.div_ceil(spb)).any(|l| !have.contains(&l)) {
                 r.add(format!("dir {ino}: hole in its entries"));
             }
         }
-        Ok(())
+        Ok(data.into_iter().collect())
     }
 
     /// Walks the subtree at `blk` (`level` 0: a data block for logical block `base`).
@@ -396,7 +391,7 @@ impl Smfs {
         base: u64,
         owner: &mut HashMap<u64, u64>,
         count: &mut u64,
-        data_lbns: &mut Vec<u64>,
+        data: &mut Vec<(u64, u64)>,
     ) -> FsResult<()> {
         if !g.data_blk(blk) {
             let what = if blk >= g.nblocks {
@@ -415,7 +410,7 @@ impl Smfs {
         }
         *count += 1;
         if level == 0 {
-            data_lbns.push(base);
+            data.push((base, blk));
             return Ok(());
         }
         let per = (g.bs / 8) as u64;
@@ -435,29 +430,30 @@ impl Smfs {
                     base + j * span,
                     owner,
                     count,
-                    data_lbns,
+                    data,
                 )?;
             }
         }
         Ok(())
     }
 
-    /// The used entries of directory `ino`, each checked for form.
+    /// The used entries of directory `ino` (data blocks `blocks` by logical index), each
+    /// checked for form.
     fn fsck_entries(
-        &self,
         pm: &mut dyn Pm,
         r: &mut Report,
+        g: Geometry,
         ino: u64,
-        d: &mut Inode,
+        d: &Inode,
+        blocks: &HashMap<u64, u64>,
     ) -> FsResult<Vec<Entry>> {
-        let g = self.geo()?;
         let spb = (g.bs / DIRENT_SIZE) as u64;
         let n = d.size / DIRENT_SIZE as u64;
         let mut out = Vec::new();
         let mut buf = vec![0u8; g.bs];
         for lbn in 0..n.div_ceil(spb) {
-            // Checked lookup of the block; holes and bad pointers were reported in pass 1.
-            let Ok(Some(b)) = self.bmap(pm, d, lbn, false) else {
+            // Holes and bad pointers were reported with the inode.
+            let Some(&b) = blocks.get(&lbn) else {
                 continue;
             };
             pm.bread(BlockNo(b), 0, &mut buf)?;

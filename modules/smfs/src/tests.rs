@@ -1007,3 +1007,249 @@ fn every_site_is_reached_by_a_random_workload() {
     let missing: Vec<u32> = all.difference(&seen).copied().collect();
     panic!("sites never reached: {missing:?}");
 }
+
+// ---- Real concurrency: threads as contexts over one store, strict 2PL ----
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// One store shared by several threads, with a lock table that keeps every lock until the
+/// request ends (as the host does).
+struct SharedStore {
+    pm: Mutex<MemPm>,
+    locks: Mutex<HashMap<LockId, usize>>,
+    freed: Condvar,
+    /// Times a context waited for another's lock.
+    waits: std::sync::atomic::AtomicUsize,
+}
+
+/// One thread's protection manager: a context running one request at a time.
+struct ThreadPm {
+    sh: Arc<SharedStore>,
+    owner: usize,
+    held: Vec<LockId>,
+}
+
+impl ThreadPm {
+    /// The request ends: every lock it took is released now.
+    fn end(&mut self) {
+        let mut t = self.sh.locks.lock().unwrap();
+        for l in self.held.drain(..) {
+            t.remove(&l);
+        }
+        self.sh.freed.notify_all();
+    }
+}
+
+impl Pm for ThreadPm {
+    fn block_size(&self) -> usize {
+        self.sh.pm.lock().unwrap().block_size()
+    }
+    fn nblocks(&self) -> u64 {
+        self.sh.pm.lock().unwrap().nblocks()
+    }
+    fn free_blocks(&self) -> u64 {
+        self.sh.pm.lock().unwrap().free_blocks()
+    }
+    fn bread(&mut self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
+        // Give the other contexts a chance between any two steps of a request.
+        std::thread::yield_now();
+        self.sh.pm.lock().unwrap().bread(b, off, buf)
+    }
+    fn bwrite(&mut self, b: BlockNo, off: usize, data: &[u8]) -> FsResult<()> {
+        std::thread::yield_now();
+        self.sh.pm.lock().unwrap().bwrite(b, off, data)
+    }
+    fn get_next_blk(&mut self) -> FsResult<BlockNo> {
+        self.sh.pm.lock().unwrap().get_next_blk()
+    }
+    fn free_blk(&mut self, b: BlockNo) -> FsResult<()> {
+        self.sh.pm.lock().unwrap().free_blk(b)
+    }
+    fn vref(&mut self, ino: Ino) -> FsResult<()> {
+        self.sh.pm.lock().unwrap().vref(ino)
+    }
+    fn vrele(&mut self, ino: Ino) -> FsResult<u32> {
+        self.sh.pm.lock().unwrap().vrele(ino)
+    }
+    fn refs(&self, ino: Ino) -> u32 {
+        self.sh.pm.lock().unwrap().refs(ino)
+    }
+    fn lock(&mut self, l: LockId) -> FsResult<()> {
+        let mut t = self.sh.locks.lock().unwrap();
+        loop {
+            match t.get(&l) {
+                None => {
+                    t.insert(l, self.owner);
+                    self.held.push(l);
+                    return Ok(());
+                }
+                Some(o) if *o == self.owner => return Ok(()),
+                Some(_) => {
+                    self.sh
+                        .waits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let (g, to) = self
+                        .sh
+                        .freed
+                        .wait_timeout(t, Duration::from_secs(10))
+                        .unwrap();
+                    if to.timed_out() {
+                        return Err(Errno(libc::EDEADLK));
+                    }
+                    t = g;
+                }
+            }
+        }
+    }
+    fn unlock(&mut self, l: LockId) -> FsResult<()> {
+        // Deferred to the end of the request (strict two-phase locking).
+        if self.held.contains(&l) {
+            Ok(())
+        } else {
+            Err(Errno::EINVAL)
+        }
+    }
+    fn now(&self) -> Timespec {
+        Timespec {
+            sec: 1_000_000,
+            nsec: 0,
+        }
+    }
+}
+
+/// A small deterministic generator (each thread its own stream).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// One client thread: namespace churn over shared directories (files named `f*`, leaf
+/// directories named `s*`, so no rename can make a cycle), plus a private file whose
+/// contents it checks after every write.
+fn client(sh: Arc<SharedStore>, owner: usize, dirs: Vec<Ino>, ops: usize) -> (u32, u32) {
+    let mut fs = Smfs::new();
+    let mut pm = ThreadPm {
+        sh,
+        owner,
+        held: Vec::new(),
+    };
+    fs.attach(&mut pm).unwrap();
+    pm.end();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((owner as u64 + 1) * 0x1234_5678));
+    let own = format!("p{owner}").into_bytes();
+    let (mine, _) = fs
+        .create(&mut pm, &C, Ino::ROOT, &own, 0o644, 0, 0)
+        .unwrap();
+    pm.end();
+    let mut expect: Vec<u8> = Vec::new();
+    let mut opened: Vec<Ino> = Vec::new();
+    let (mut ok, mut stale) = (0, 0);
+    for _ in 0..ops {
+        let d = dirs[rng.next(dirs.len() as u64) as usize];
+        let d2 = dirs[rng.next(dirs.len() as u64) as usize];
+        let f = format!("f{}", rng.next(4)).into_bytes();
+        let f2 = format!("f{}", rng.next(4)).into_bytes();
+        let s = format!("s{}", rng.next(3)).into_bytes();
+        let s2 = format!("s{}", rng.next(3)).into_bytes();
+        let r: FsResult<()> = match rng.next(15) {
+            0 => fs
+                .create(&mut pm, &C, d, &f, 0o644, 0, 0)
+                .map(|(a, _)| opened.push(a.ino)),
+            1 => fs.mkdir(&mut pm, &C, d, &s, 0o755, 0).map(drop),
+            2 => fs.unlink(&mut pm, &C, d, &f),
+            3 => fs.rmdir(&mut pm, &C, d, &s),
+            4 => fs.rename(&mut pm, &C, d, &f, d2, &f2, 0),
+            5 => fs.rename(&mut pm, &C, d, &s, d2, &s2, 0),
+            6 => fs.lookup(&mut pm, &C, d, &f).and_then(|a| {
+                pm.end();
+                fs.link(&mut pm, &C, a.ino, d2, &f2).map(drop)
+            }),
+            7 => fs.lookup(&mut pm, &C, d, &s).map(drop),
+            8 => fs.readdir(&mut pm, d, 0, 100).map(drop),
+            9 => fs.statfs(&mut pm).map(drop),
+            10 => fs.symlink(&mut pm, &C, d, &f, b"target").map(drop),
+            11 => fs.lookup(&mut pm, &C, d, &f).and_then(|a| {
+                pm.end();
+                fs.write(&mut pm, a.ino, Fh(0), rng.next(20_000), &[owner as u8; 700])
+                    .map(drop)
+            }),
+            12 => match opened.pop() {
+                Some(ino) => fs.release(&mut pm, ino, Fh(0)),
+                None => Ok(()),
+            },
+            13 => fs.lookup(&mut pm, &C, d, b"..").map(drop),
+            _ => {
+                let off = rng.next(30_000) as usize;
+                let data: Vec<u8> = (0..rng.next(9000) as usize + 1)
+                    .map(|_| rng.next(256) as u8)
+                    .collect();
+                fs.write(&mut pm, mine.ino, Fh(0), off as u64, &data)
+                    .map(|_| {
+                        if expect.len() < off + data.len() {
+                            expect.resize(off + data.len(), 0);
+                        }
+                        expect[off..off + data.len()].copy_from_slice(&data);
+                    })
+            }
+        };
+        pm.end();
+        match r {
+            Ok(()) => ok += 1,
+            Err(e) if e == ESTALE => stale += 1,
+            Err(e) => {
+                assert_ne!(e, Errno::EUCLEAN, "context {owner}: a self-check failed");
+                assert_ne!(e, Errno(libc::EDEADLK), "context {owner}: deadlock");
+            }
+        }
+        let got = fs.read(&mut pm, mine.ino, Fh(0), 0, 1 << 20).unwrap();
+        pm.end();
+        assert_eq!(got, expect, "context {owner}: its own file changed");
+    }
+    for ino in opened.into_iter().chain([mine.ino]) {
+        fs.release(&mut pm, ino, Fh(0)).unwrap();
+        pm.end();
+    }
+    (ok, stale)
+}
+
+#[test]
+fn concurrent_contexts_neither_deadlock_nor_corrupt() {
+    let (mut fs, mut pm) = fresh();
+    let mut dirs = vec![Ino::ROOT];
+    for n in [b"d0", b"d1", b"d2"] {
+        dirs.push(fs.mkdir(&mut pm, &C, Ino::ROOT, n, 0o755, 0).unwrap().ino);
+    }
+    let sh = Arc::new(SharedStore {
+        pm: Mutex::new(pm),
+        locks: Mutex::new(HashMap::new()),
+        freed: Condvar::new(),
+        waits: Default::default(),
+    });
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (sh, dirs) = (sh.clone(), dirs.clone());
+            std::thread::spawn(move || client(sh, t + 1, dirs, 1000))
+        })
+        .collect();
+    let mut total_ok = 0;
+    for t in threads {
+        let (ok, stale) = t.join().unwrap();
+        eprintln!("context: {ok} ops succeeded, {stale} ESTALE");
+        total_ok += ok;
+    }
+    assert!(
+        total_ok > 1000,
+        "the workload mostly failed: {total_ok} ops succeeded"
+    );
+    let waits = sh.waits.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("lock waits: {waits}");
+    let mut pm = Arc::try_unwrap(sh).ok().unwrap().pm.into_inner().unwrap();
+    assert_eq!(fs.fsck(&mut pm).unwrap(), Vec::<String>::new());
+}

@@ -35,11 +35,13 @@
 //! whose locks depend on what they read (a name's inode, `..`, a free inode to allocate)
 //! first *peek* without locks to collect the inodes they will need, lock the whole set in
 //! ascending order, then read again under the locks and use only what they read there; the
-//! peek is a hint, never trusted, and never self-checked (a torn unlocked read is not a
-//! fault). `ESTALE` only happens if a concurrent request changed the name between the peek
+//! peek is a hint, never trusted, and a failed check during a peek is ignored (a torn
+//! unlocked read is not a fault). `ESTALE` only happens if a concurrent request changed the name between the peek
 //! and the locks *and* the new inode ranks below a lock already held. Readers (`lookup`,
 //! `getattr`, `read`, `readdir`, `readlink`, `statfs`, `fsync`) take the locks of everything
-//! they read, so they never see a half-written or uncommitted structure. Blocks come from the
+//! they read, so they never see a half-written or uncommitted structure; `open` and `release`
+//! take the inode's lock around their reference change, so unlink's "still open?" test is
+//! stable. Blocks come from the
 //! host's atomic allocator and need no lock of ours.
 //!
 //! Every write to host data is as narrow as the data changed: an inode write is its 128-byte

@@ -359,6 +359,9 @@ impl Incarnation {
             tree_pages: Vec::new(),
         };
         let mut incomplete = false;
+        // Host pid → pid inside the namespace, and (pgrp, session, exit signal) in host pids.
+        let mut host_ns: HashMap<i32, i32> = HashMap::new();
+        let mut groups: Vec<(i32, i32, i32)> = Vec::new();
         for sp in tree.procs.iter_mut() {
             let key = sp.pid.as_raw();
             if let std::collections::btree_map::Entry::Vacant(e) = self.procs.entry(key) {
@@ -377,6 +380,8 @@ impl Incarnation {
             let (mut st, pages, pfds, prefusals) =
                 p.capture(&mut sp.threads, prog, &mut lg, seq, &mut peeked)?;
             st.ppid = ppid;
+            host_ns.insert(key, p.nspid);
+            groups.push(procfs::tree_fields(sp.pid).unwrap_or((0, 0, libc::SIGCHLD)));
             incomplete |= !p.late.is_empty();
             refusals.extend(prefusals);
             layer.add_pages(p.nspid, pages);
@@ -391,6 +396,12 @@ impl Incarnation {
         refusals.extend(procfs::pipe_refusals(&all));
         for (st, (_, v)) in states.iter_mut().zip(fds) {
             st.fds = v.into_iter().map(|f| f.0).collect();
+        }
+        // Groups and sessions led from inside the tree, as its pids; 0 for the guard's own.
+        for (st, &(pgrp, sid, exit_signal)) in states.iter_mut().zip(&groups) {
+            st.pgid = host_ns.get(&pgrp).copied().unwrap_or(0);
+            st.sid = host_ns.get(&sid).copied().unwrap_or(0);
+            st.exit_signal = exit_signal;
         }
         for &(z, parent, code) in &tree.zombies {
             states.push(ProcState {
@@ -777,6 +788,10 @@ impl Proc {
             ppid: 0,
             procs: Vec::new(),
             zombie: None,
+            // Filled in for the whole tree by the caller.
+            pgid: 0,
+            sid: 0,
+            exit_signal: libc::SIGCHLD,
         };
         self.known = vmas
             .into_iter()

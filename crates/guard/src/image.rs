@@ -257,10 +257,46 @@ struct Parsed {
     runs: Vec<(i32, u64, std::ops::Range<usize>)>,
 }
 
+/// A layer file's bytes: mapped from the page cache (restore), or read.
+#[derive(Debug)]
+enum Bytes {
+    Mapped(sys::guard_map::MappedFile),
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Read(v) => v,
+        }
+    }
+}
+
+/// Maps a layer file (its pages are copied once, straight from the page cache, into the
+/// restored process); reads it where it cannot be mapped.
+fn load_bytes(path: &Path) -> Result<Bytes, ImageError> {
+    let io = |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = File::open(path).map_err(io)?;
+    match sys::guard_map::MappedFile::map(&f) {
+        Ok(m) => Ok(Bytes::Mapped(m)),
+        Err(_) => {
+            let mut buf = Vec::new();
+            let mut f = f;
+            f.read_to_end(&mut buf).map_err(io)?;
+            Ok(Bytes::Read(buf))
+        }
+    }
+}
+
 /// A layer loaded for restore: the file bytes and where its pages are in them.
 #[derive(Debug)]
 struct Loaded {
-    buf: Vec<u8>,
+    buf: Bytes,
     runs: Vec<(i32, u64, std::ops::Range<usize>)>,
 }
 
@@ -519,7 +555,7 @@ pub fn load_chain(dir: &Path) -> Result<Chain, ImageError> {
             dir: dir.to_path_buf(),
         });
     };
-    let mut layers: Vec<(Parsed, Vec<u8>)> = Vec::new();
+    let mut layers: Vec<(Parsed, Bytes)> = Vec::new();
     let mut top = newest;
     let mut want = top;
     loop {
@@ -545,10 +581,7 @@ pub fn load_chain(dir: &Path) -> Result<Chain, ImageError> {
             });
         }
         let path = dir.join(layer_name(want));
-        let buf = std::fs::read(&path).map_err(|source| ImageError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let buf = load_bytes(&path)?;
         let l = parse(&path, &buf)?;
         if layers.is_empty() && l.state.state.incomplete {
             // Copied partly while the program ran: only restorable under its successor.
@@ -579,7 +612,7 @@ pub fn load_chain(dir: &Path) -> Result<Chain, ImageError> {
 }
 
 /// Folds layers (oldest first, the first one full) into a chain.
-fn fold(layers: Vec<(Parsed, Vec<u8>)>) -> Chain {
+fn fold(layers: Vec<(Parsed, Bytes)>) -> Chain {
     let base = layers.first().map(|l| l.0.seq).unwrap_or(0);
     let top_layer = &layers.last().expect("at least one layer").0;
     let top = top_layer.seq;

@@ -184,7 +184,7 @@ pub struct ThreadState {
 }
 
 /// Everything the restorer needs besides page contents.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcState {
     /// The command line, for humans and `--status`.
     pub argv: Vec<String>,
@@ -232,6 +232,49 @@ pub struct ProcState {
     /// its parent's `wait` still finds it. Nothing else of a zombie is recorded.
     #[serde(default)]
     pub zombie: Option<i32>,
+    /// Process group and session, as pids inside the namespace (0: one from outside the
+    /// tree, i.e. the guard's, inherited at launch). Restore replays `setsid` / `setpgid`.
+    #[serde(default)]
+    pub pgid: i32,
+    #[serde(default)]
+    pub sid: i32,
+    /// The signal its parent gets when it ends (SIGCHLD for fork; clone may choose another).
+    #[serde(default = "sigchld")]
+    pub exit_signal: i32,
+}
+
+fn sigchld() -> i32 {
+    libc::SIGCHLD
+}
+
+impl Default for ProcState {
+    fn default() -> ProcState {
+        ProcState {
+            argv: Vec::new(),
+            exe: String::new(),
+            cwd: String::new(),
+            umask: 0,
+            vmas: Vec::new(),
+            fds: Vec::new(),
+            sigactions: Vec::new(),
+            ignored: 0,
+            itimers: Vec::new(),
+            mm: MmLayout::default(),
+            rlimits: Vec::new(),
+            pending: 0,
+            threads: Vec::new(),
+            refusals: Vec::new(),
+            incomplete: false,
+            net: false,
+            nspid: 0,
+            ppid: 0,
+            procs: Vec::new(),
+            zombie: None,
+            pgid: 0,
+            sid: 0,
+            exit_signal: libc::SIGCHLD,
+        }
+    }
 }
 
 impl ProcState {

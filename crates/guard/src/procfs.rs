@@ -488,6 +488,16 @@ pub fn pipe_refusals(all: &[Fd]) -> Vec<String> {
     refusals
 }
 
+/// `(process group, session, exit signal)` of a process from /proc/PID/stat (host pids).
+pub fn tree_fields(pid: Pid) -> Option<(i32, i32, i32)> {
+    let t = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = t.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3: pgrp is field 5, session 6, exit_signal 38.
+    let g = |n: usize| f.get(n - 3).and_then(|v| v.parse().ok());
+    Some((g(5)?, g(6)?, g(38)?))
+}
+
 /// `(state letter, wait status)` of a process from /proc/PID/stat: the status (field 52,
 /// `exit_code`) is what its parent's `wait` will report once it is a zombie (`Z`).
 pub fn run_state(pid: Pid) -> Option<(char, i32)> {
@@ -549,6 +559,10 @@ mod tests {
         let (_, _, umask, threads) = status(me).unwrap();
         assert!(umask <= 0o777 && threads >= 1);
         let mm = mm_layout(me).unwrap();
+        let (pgrp, sid, sig) = tree_fields(me).unwrap();
+        assert!(pgrp > 0 && sid > 0);
+        assert_eq!(sig, libc::SIGCHLD, "started by fork/exec");
+        assert!(matches!(run_state(me).unwrap().0, 'R' | 'S'));
         let lim = rlimits(me).unwrap();
         assert_eq!(lim.len(), 16);
         assert_eq!(

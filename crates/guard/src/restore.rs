@@ -340,7 +340,7 @@ fn drive_tree(
                 p.ppid
             ))
         })?;
-        let child = fork_child(&mut parent.1, p.ns_pid())?;
+        let child = fork_child(&mut parent.1, p.ns_pid(), p.exit_signal)?;
         created.push(child.pid);
         hosts.insert(p.ns_pid(), child.pid);
         match p.zombie {
@@ -352,6 +352,7 @@ fn drive_tree(
             None => drivers.push((p.ns_pid(), child)),
         }
     }
+    join_groups(&mut drivers, st);
     let mut reg = Registry::new();
     let mut sockets = SocketLog::default();
     let mut altstacks = Altstacks::new();
@@ -390,24 +391,60 @@ fn drive_tree(
     ))
 }
 
+/// Sessions and process groups led from inside the tree come back: `setsid` for each
+/// session leader, then `setpgid(0, 0)` for each group leader, then `setpgid(0, group)` for
+/// the members (a group must exist before others join it). Groups and sessions from outside
+/// the tree (0) are the restorer's, as they were the guard's at launch.
+fn join_groups(drivers: &mut [(i32, Driver)], st: &ProcState) {
+    let procs: Vec<&ProcState> = std::iter::once(st).chain(st.procs.iter()).collect();
+    for pass in 0..3 {
+        for (nspid, d) in drivers.iter_mut() {
+            let Some(p) = procs.iter().find(|p| p.ns_pid() == *nspid) else {
+                continue;
+            };
+            let me = *nspid;
+            let r = match pass {
+                0 if p.sid == me => d.sys("setsid", libc::SYS_setsid, [0; 6]).map(|_| ()),
+                1 if p.pgid == me && p.sid != me => d
+                    .sys("setpgid(0, 0)", libc::SYS_setpgid, [0; 6])
+                    .map(|_| ()),
+                2 if p.pgid != 0 && p.pgid != me => d
+                    .sys(
+                        &format!("setpgid(0, {})", p.pgid),
+                        libc::SYS_setpgid,
+                        [0, p.pgid as u64, 0, 0, 0, 0],
+                    )
+                    .map(|_| ()),
+                _ => Ok(()),
+            };
+            // A group whose leader is gone cannot be made again: the process stays where it
+            // is, which the program may notice only through group signals and job control.
+            if let Err(e) = r {
+                tracing::warn!(target: "guard", "process {me}: {e}");
+            }
+        }
+    }
+}
+
 /// Children of `pid` (host pids).
 fn children_now(pid: Pid) -> Vec<Pid> {
     sys::process::children_of(pid).unwrap_or_default()
 }
 
 /// Makes `parent` (a bare stub) fork a copy of itself with pid `nspid` inside the namespace
-/// (clone3 `set_tid`), traced from its first instruction.
-fn fork_child(parent: &mut Driver, nspid: i32) -> Result<Driver> {
+/// (clone3 `set_tid`) and its recorded exit signal, traced from its first instruction.
+fn fork_child(parent: &mut Driver, nspid: i32, exit_signal: i32) -> Result<Driver> {
     let opts = ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL | ptrace::O_SUSPEND_SECCOMP;
+    // TRACEFORK follows children that signal SIGCHLD, TRACECLONE the others.
     parent
         .t
-        .set_options(opts | ptrace::O_TRACEFORK)
+        .set_options(opts | ptrace::O_TRACEFORK | ptrace::O_TRACECLONE)
         .map_err(|e| Error::sys("tracing forks", e))?;
     let before = children_now(parent.pid);
     // struct clone_args (v2, 88 bytes), then the set_tid array.
     let set_tid_at = parent.scratch + 64 + 88;
     let mut b = Vec::with_capacity(96);
-    for w in [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, set_tid_at, 1, 0] {
+    for w in [0, 0, 0, 0, exit_signal as u64, 0, 0, 0, set_tid_at, 1, 0] {
         b.extend_from_slice(&w.to_le_bytes());
     }
     b.extend_from_slice(&(nspid as u64).to_le_bytes());
@@ -478,6 +515,71 @@ fn end_as_zombie(mut d: Driver, status: i32) -> Result<()> {
         Err(e) => Err(Error::sys("ending a zombie again", e)),
         Ok(r) => Err(Error::Restore(format!("exit_group returned {r}"))),
     }
+}
+
+/// Pieces of at most this many bytes are handed to the fill threads in turn.
+const FILL_PIECE: usize = 4 << 20;
+/// Below this many bytes one thread fills.
+const FILL_PARALLEL_MIN: usize = 16 << 20;
+
+/// Writes page runs into process `pid` (`process_vm_writev`). Most of the cost is the
+/// process's page faults (allocating and zeroing each page before the copy), which run in the
+/// writer's context: with more than one CPU, big images are written by several threads, each
+/// taking every n-th 4 MiB piece.
+fn fill(pid: Pid, runs: &[(u64, &[u8])]) -> Result<()> {
+    let total: usize = runs.iter().map(|r| r.1.len()).sum();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(4);
+    let write = |a: u64, bytes: &[u8]| {
+        sys::remote_mem::write(pid, a, bytes)
+            .map_err(|e| Error::sys(format!("filling memory at {a:#x}"), e))
+    };
+    if threads < 2 || total < FILL_PARALLEL_MIN {
+        for &(a, bytes) in runs {
+            write(a, bytes)?;
+        }
+        return Ok(());
+    }
+    let pieces: Vec<(u64, &[u8])> = runs
+        .iter()
+        .flat_map(|&(a, bytes)| {
+            bytes
+                .chunks(FILL_PIECE)
+                .enumerate()
+                .map(move |(i, c)| (a + (i * FILL_PIECE) as u64, c))
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (1..threads)
+            .map(|k| {
+                let pieces = &pieces;
+                s.spawn(move || -> Result<()> {
+                    for &(a, bytes) in pieces.iter().skip(k).step_by(threads) {
+                        write(a, bytes)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut res = Ok(());
+        for &(a, bytes) in pieces.iter().step_by(threads) {
+            if let Err(e) = write(a, bytes) {
+                res = Err(e);
+                break;
+            }
+        }
+        for w in workers {
+            let r = w
+                .join()
+                .unwrap_or_else(|_| Err(Error::Restore("a fill thread panicked".into())));
+            if res.is_ok() {
+                res = r;
+            }
+        }
+        res
+    })
 }
 
 /// One process of the tree, rebuilt and still stopped.
@@ -635,10 +737,7 @@ fn build(mut d: Driver, st: &ProcState, chain: &Chain, reg: &mut Registry) -> Re
     }
     // Page contents, in runs, straight from the layer buffers.
     let tf = std::time::Instant::now();
-    for (a, bytes) in chain.runs_of(nspid) {
-        sys::remote_mem::write(pid, a, bytes)
-            .map_err(|e| Error::sys(format!("filling memory at {a:#x}"), e))?;
-    }
+    fill(pid, &chain.runs_of(nspid))?;
     for v in st
         .vmas
         .iter()

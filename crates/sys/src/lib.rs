@@ -16,6 +16,7 @@ pub mod clock;
 pub mod fault;
 pub mod fs_ring;
 pub mod guard_fd;
+pub mod guard_map;
 pub mod guard_sig;
 pub mod netlink;
 pub mod ns;

@@ -1,8 +1,9 @@
 /* zdtm-style: a parent (pid 1) and the child it forked each keep their own counter in
  * anonymous memory at the same address (copy-on-write after fork) with a checksum shadow, and
- * check that their pids and parent pid stay what they were, and that the SIGUSR2 handler set
- * before the fork is still in place in both. The child exits 0 when its
- * invariants hold; the parent checks that, then its own, and prints PASS. */
+ * check that their pids, parent pid, group and session (the child makes its own) stay what
+ * they were, and that the SIGUSR2 handler set before the fork is still in place in both. The
+ * child exits 0 when its invariants hold; the parent checks that, then its own, and prints
+ * PASS. */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,15 +21,16 @@ static int run(const char *who, int n, unsigned long mul) {
     unsigned long *heap = malloc(4096 * sizeof(unsigned long));
     if (map == MAP_FAILED || !heap) { printf("FAIL %s alloc\n", who); return 1; }
     memset(heap, 0, 4096 * sizeof(unsigned long));
-    pid_t me = getpid(), parent = getppid();
+    pid_t me = getpid(), parent = getppid(), pgrp = getpgrp(), sid = getsid(0);
     unsigned long sum = 0;
     for (int i = 0; i < n; i++) {
         map[(i * 613) % ((1 << 20) / sizeof(unsigned long))] = i * mul;
         heap[i % 4096] = i * mul;
         sum += i * mul;
         map[0] = sum;
-        if (getpid() != me || getppid() != parent) {
-            printf("FAIL %s pid %d ppid %d, was %d %d\n", who, getpid(), getppid(), me, parent);
+        if (getpid() != me || getppid() != parent || getpgrp() != pgrp || getsid(0) != sid) {
+            printf("FAIL %s pid %d ppid %d pgrp %d sid %d, was %d %d %d %d\n", who, getpid(),
+                   getppid(), getpgrp(), getsid(0), me, parent, pgrp, sid);
             return 1;
         }
         struct timespec ts = {0, 10 * 1000 * 1000};
@@ -52,7 +54,11 @@ int main(int argc, char **argv) {
     sa.sa_flags = SA_RESTART;
     sigaction(SIGUSR2, &sa, NULL);
     pid_t c = fork();
-    if (c == 0) _exit(run("child", n, 3));
+    if (c == 0) {
+        /* Its own session (and group): restore must replay setsid. */
+        if (setsid() != getpid()) { puts("FAIL setsid"); _exit(1); }
+        _exit(run("child", n, 3));
+    }
     int bad = run("parent", n, 7);
     int st;
     if (waitpid(c, &st, 0) != c) { puts("FAIL wait"); return 1; }

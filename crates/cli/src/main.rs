@@ -45,8 +45,10 @@ enum Command {
     Mount(cmd::mount::Args),
     /// Unmount a kintsugi file system.
     Umount(cmd::umount::Args),
-    /// Inspect or crash a mounted file-system module (status, inject-fault).
+    /// Inspect or crash a mounted file-system module (status, inject-fault, arm-site).
     Fsctl(cmd::fsctl::Args),
+    /// Check a mounted file system's structure (module and host data); exit 1 on problems.
+    Fsck(cmd::fsck::Args),
     /// Run a program under the guard: trapped state-changing syscalls, incremental checkpoints,
     /// automatic restore by syscall replay when it is killed.
     Guard(cmd::guard::Args),
@@ -60,6 +62,9 @@ enum Command {
     /// (internal) the guarded workload of `kintsugi bench guard`.
     #[command(name = "__guard-bench-child", hide = true)]
     GuardBenchChild(bench::guard::ChildArgs),
+    /// (internal) one client process of `kintsugi bench inject`'s workload.
+    #[command(name = "__inject-client", hide = true)]
+    InjectClient(bench::inject::ClientArgs),
     /// (internal) the exec'd child of `kintsugi bench rfork`'s fork+exec baseline.
     #[command(name = "__bench-child", hide = true)]
     BenchChild(bench::rfork::ChildArgs),
@@ -75,12 +80,14 @@ fn main() -> ExitCode {
         Command::Mount(a) => cmd::mount::run(a),
         Command::Umount(a) => cmd::umount::run(a),
         Command::Fsctl(a) => cmd::fsctl::run(a),
+        Command::Fsck(a) => cmd::fsck::run(a),
         Command::Guard(a) => cmd::guard::run(a),
         Command::Restore(a) => cmd::restore::run(a),
         Command::Notify(a) => cmd::notify::run(a),
         Command::Bench(b) => bench::run(b),
         Command::GuardBenchChild(a) => bench::guard::child(a),
         Command::BenchChild(a) => bench::rfork::child(a),
+        Command::InjectClient(a) => bench::inject::client(a),
     };
     match result {
         Ok(code) => code,

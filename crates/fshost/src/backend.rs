@@ -477,10 +477,11 @@ impl Remote {
     }
 
     /// Escalation: restart the module, i.e. every context. Requests other contexts are running
-    /// die with them, are rolled back by their callers and retried.
+    /// die with them, are rolled back by their callers and retried. (`except`, the faulting
+    /// context, is already dead or was just killed: its replacement is a fresh image.)
     fn restart_module(&self, except: usize) {
-        for j in 0..self.opts.contexts {
-            if j != except && self.clients[j].load(Ordering::Acquire) != 0 {
+        for j in (0..self.opts.contexts).filter(|&j| j != except) {
+            if self.clients[j].load(Ordering::Acquire) != 0 {
                 self.abort[j].store(ABORT_COLLATERAL, Ordering::Release);
             }
             self.kill_context(j);

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 pub mod fs;
 pub mod guard;
+pub mod inject;
 pub mod rfork;
 pub mod run;
 pub mod stats;
@@ -14,6 +15,9 @@ pub mod watch;
 pub enum Bench {
     /// File-system modules: copy64k and compile on tmpfs, plain fuser, SMFS at levels 5 and 4.
     Fs(fs::Args),
+    /// Fault-injection campaign: compiled-in fault sites fired under a multi-client workload,
+    /// with containment, restart-only and no recovery side by side.
+    Inject(inject::Args),
     /// The guard: syscall overhead, checkpoint pause and layer size, restore time.
     Guard(guard::Args),
     /// rfork restart latency, both designs, beside bare fork and fork+exec.
@@ -28,6 +32,7 @@ pub fn run(b: Bench) -> anyhow::Result<ExitCode> {
     match b {
         Bench::Fs(a) => fs::run(a),
         Bench::Guard(a) => guard::run(a),
+        Bench::Inject(a) => inject::run(a),
         Bench::Rfork(a) => rfork::run(a),
         Bench::Run(a) => run::run(a),
         Bench::Watch(a) => watch::run(a),

@@ -27,6 +27,22 @@ pub enum Action {
         ])]
         during: Option<String>,
     },
+    /// Arm a compiled-in fault site of the module (level 4; `kintsugi fsctl M sites` lists
+    /// them): it fires in every request of client PID (default: any client). 0 disarms.
+    ArmSite {
+        site: u32,
+        #[arg(long, default_value_t = 0)]
+        pid: u32,
+        /// Seed for raw memory faults (which bit, which pointer).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// List the module's fault sites (id, G-SWIFT kind, where).
+    Sites {
+        /// The module (the mount's module; smfs by default).
+        #[arg(long, default_value = "smfs")]
+        module: String,
+    },
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -41,6 +57,17 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             let class = during.as_deref().and_then(fshost::wire::OpClass::parse);
             fshost::mount::inject(mp, f, class)
                 .with_context(|| format!("fsctl {} inject-fault {fault}", mp.display()))?;
+        }
+        Action::ArmSite { site, pid, seed } => {
+            fshost::mount::arm_site(mp, site, pid, seed)
+                .with_context(|| format!("fsctl {} arm-site {site}", mp.display()))?;
+        }
+        Action::Sites { module } => {
+            let m = crate::cmd::mount::modules(&module)
+                .with_context(|| format!("unknown module {module:?}: use smfs"))?;
+            for s in m.sites() {
+                println!("{:>4}  {:<20} {}", s.id, s.kind.name(), s.what);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,5 +1,6 @@
 //! Subcommands other than `demo` and `bench`: one module each, `Args` + `run`.
 
+pub mod fsck;
 pub mod fsctl;
 pub mod guard;
 pub mod mount;

@@ -693,8 +693,14 @@ fn run_in_context(
                 };
                 if !problems.is_empty() {
                     stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    let live: Vec<Owner> = (0..r.opts.contexts)
+                        .filter(|&j| j != slot && r.clients[j].load(Ordering::Acquire) != 0)
+                        .map(|j| Owner(j as u64 + 1))
+                        .collect();
+                    let repaired = store.repair_locks(&live);
                     tracing::error!(
                         ?problems,
+                        repaired,
                         "verification after a local error failed; escalating"
                     );
                 }

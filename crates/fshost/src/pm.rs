@@ -26,6 +26,9 @@ pub enum Fault {
     Kill,
     /// Stop answering (the host's per-request deadline catches it).
     Hang,
+    /// A wild write into the lock table (the one piece of global data every context may
+    /// write, so it is never trapped), then SIGSEGV: containment's verification must catch it.
+    Scribble,
 }
 
 impl Fault {
@@ -35,6 +38,7 @@ impl Fault {
             "segv" => Fault::Segv,
             "kill" => Fault::Kill,
             "hang" => Fault::Hang,
+            "scribble" => Fault::Scribble,
             _ => return None,
         })
     }
@@ -44,6 +48,7 @@ impl Fault {
             Fault::Segv => "segv",
             Fault::Kill => "kill",
             Fault::Hang => "hang",
+            Fault::Scribble => "scribble",
         }
     }
     pub(crate) fn code(self) -> u32 {
@@ -52,6 +57,7 @@ impl Fault {
             Fault::Segv => 2,
             Fault::Kill => 3,
             Fault::Hang => 4,
+            Fault::Scribble => 5,
         }
     }
     pub(crate) fn from_code(c: u32) -> Option<Fault> {
@@ -60,6 +66,7 @@ impl Fault {
             2 => Fault::Segv,
             3 => Fault::Kill,
             4 => Fault::Hang,
+            5 => Fault::Scribble,
             _ => return None,
         })
     }
@@ -75,6 +82,8 @@ impl Fault {
             Fault::Hang => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },
+            // Without a store at hand (an idle fault) the scribble is just the crash.
+            Fault::Scribble => sys::fault::segv(),
         }
     }
 }
@@ -276,15 +285,22 @@ impl<'a> HostPm<'a> {
         if self.mutated
             && let Some(f) = self.fault.take()
         {
-            f.fire();
+            self.fire(f);
         }
     }
 
     /// Fires an armed fault that found no mid-request moment (read-only requests).
     pub fn finish(&mut self) {
         if let Some(f) = self.fault.take() {
-            f.fire();
+            self.fire(f);
         }
+    }
+
+    fn fire(&self, f: Fault) {
+        if f == Fault::Scribble {
+            self.store.scribble_lock_table();
+        }
+        f.fire();
     }
 
     fn log(&self, kind: u32, a: u64, b: u64, data: &[u8]) -> FsResult<()> {

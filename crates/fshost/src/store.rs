@@ -370,6 +370,30 @@ impl Store {
         problems
     }
 
+    /// Releases every lock held by an owner not in `live` (after a failed verification: a
+    /// wild write or a dead holder must not leave a lock taken forever). Returns how many.
+    pub fn repair_locks(&self, live: &[Owner]) -> usize {
+        let mut n = 0;
+        for s in 0..LOCK_SLOTS {
+            let (o, depth) = self.lock_words(s);
+            let holder = o.load(Ordering::Acquire);
+            if holder != 0 && !live.iter().any(|l| l.0 == holder) {
+                depth.store(0, Ordering::Release);
+                o.store(0, Ordering::Release);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Fault injection: a wild write into the lock table (a slot taken by an owner that does
+    /// not exist, missing from every registry), as a stray pointer in a module would leave it.
+    pub fn scribble_lock_table(&self) {
+        let (o, depth) = self.lock_words(LOCK_SLOTS / 2 + 7);
+        o.store(250, Ordering::Release);
+        depth.store(1, Ordering::Release);
+    }
+
     /// Checks the header (magic, geometry, free count against the bitmap).
     pub fn verify_header(&self) -> Vec<String> {
         let mut problems = Vec::new();

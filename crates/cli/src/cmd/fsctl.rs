@@ -19,7 +19,7 @@ pub enum Action {
     Status,
     /// Crash the module: now (idle), or during the next request of a kind.
     InjectFault {
-        #[arg(value_parser = ["panic", "segv", "kill", "hang"])]
+        #[arg(value_parser = ["panic", "segv", "kill", "hang", "scribble"])]
         fault: String,
         /// Fire during the next such request instead of now.
         #[arg(long, value_parser = [

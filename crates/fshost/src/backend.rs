@@ -229,7 +229,7 @@ pub struct Remote {
 #[derive(Debug)]
 pub enum Backend {
     Direct(Mutex<Direct>, Arc<Store>),
-    Remote(Remote, Arc<Store>),
+    Remote(Box<Remote>, Arc<Store>),
 }
 
 const DIRECT_OWNER: Owner = Owner(255);
@@ -275,7 +275,7 @@ impl Backend {
             .worker_pid
             .store(workers[0].load(Ordering::Acquire), Ordering::Release);
         Ok(Backend::Remote(
-            Remote {
+            Box::new(Remote {
                 ring,
                 pool: Mutex::new((0..n).rev().collect()),
                 pool_cv: Condvar::new(),
@@ -290,7 +290,7 @@ impl Backend {
                 abort: (0..n).map(|_| AtomicU8::new(ABORT_NONE)).collect(),
                 history: Mutex::new(HashMap::new()),
                 _supervisors: sups,
-            },
+            }),
             store,
         ))
     }

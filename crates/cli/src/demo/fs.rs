@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, ensure};
 
-fn kintsugi(args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn kintsugi(args: &[&str]) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("cannot find the kintsugi binary")?;
     let out = Command::new(exe)
         .args(args)
@@ -23,11 +23,11 @@ fn kintsugi(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn status(mp: &str) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn status(mp: &str) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&kintsugi(&["fsctl", mp, "status"])?)?)
 }
 
-struct Mounted(PathBuf);
+pub(crate) struct Mounted(pub(crate) PathBuf);
 
 impl Drop for Mounted {
     fn drop(&mut self) {
@@ -36,7 +36,7 @@ impl Drop for Mounted {
     }
 }
 
-fn write_synced(p: &Path, data: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_synced(p: &Path, data: &[u8]) -> anyhow::Result<()> {
     let mut f = std::fs::File::create(p).with_context(|| format!("create {}", p.display()))?;
     f.write_all(data)?;
     f.sync_all()?;
@@ -45,7 +45,9 @@ fn write_synced(p: &Path, data: &[u8]) -> anyhow::Result<()> {
 
 /// Runs the rung (about 1 s) and narrates through `say`.
 pub fn run(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
-    say("== fs: a file-system module crashes; the mount and its data survive ==");
+    say(
+        "== fs: a file-system module crashes; the host rolls back and restarts it (recovery rung 'restart') ==",
+    );
     let dir = std::env::temp_dir().join(format!("kintsugi-demo-fs-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mp = dir.to_string_lossy().into_owned();
@@ -59,6 +61,8 @@ pub fn run(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
         "64M",
         "--deadline-ms",
         "300",
+        "--recovery",
+        "restart",
         &mp,
     ])?;
     let m = Mounted(dir.clone());

@@ -9,6 +9,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
+pub mod contain;
 pub mod fs;
 pub mod guard;
 pub mod rfork;
@@ -21,6 +22,11 @@ type Rung = fn(&mut dyn FnMut(&str)) -> anyhow::Result<()>;
 
 /// In ladder order: (name, what it shows, entry point).
 const RUNGS: &[(&str, &str, Rung)] = &[
+    (
+        "contain",
+        "a fault in one client's request context is contained to it; a global one escalates",
+        contain::run,
+    ),
     (
         "roll back",
         "a file-system module crashes mid-request; the host rolls back, restarts it, keeps every byte",

@@ -46,9 +46,13 @@ fn json_has_exactly_the_issue_shape() {
             ])
         );
         let fs = r["fs"].as_str().unwrap();
-        assert!(["tmpfs", "fuser_plain", "smfs"].contains(&fs), "{r}");
+        assert!(
+            ["tmpfs", "fuser_plain", "smfs", "smfs_restart_only"].contains(&fs),
+            "{r}"
+        );
         match fs {
             "smfs" => assert!([4, 5].contains(&r["level"].as_u64().unwrap()), "{r}"),
+            "smfs_restart_only" => assert_eq!(r["level"].as_u64(), Some(4), "{r}"),
             _ => assert!(r["level"].is_null(), "{r}"),
         }
         let w = r["workload"].as_str().unwrap();
@@ -61,5 +65,9 @@ fn json_has_exactly_the_issue_shape() {
         }
         seen.insert((fs.to_string(), r["level"].as_u64(), w.to_string()));
     }
-    assert_eq!(seen.len(), 8, "one row per (fs, level, workload): {seen:?}");
+    assert_eq!(
+        seen.len(),
+        10,
+        "one row per (fs, level, workload): {seen:?}"
+    );
 }

@@ -219,6 +219,8 @@ pub struct Remote {
     /// Client pid of the request each context runs (0: idle).
     clients: Vec<AtomicU32>,
     abort: Vec<AtomicU8>,
+    /// Contexts to replace before their next request (a module restart found them idle).
+    stale: Vec<AtomicBool>,
     /// Recent local errors per data key (containment's repeated-error rule).
     history: Mutex<HashMap<u64, VecDeque<Instant>>>,
     /// Keep the supervisors (and thus the module processes) alive; dropping them kills them.
@@ -288,6 +290,7 @@ impl Backend {
                 workers,
                 clients: (0..n).map(|_| AtomicU32::new(0)).collect(),
                 abort: (0..n).map(|_| AtomicU8::new(ABORT_NONE)).collect(),
+                stale: (0..n).map(|_| AtomicBool::new(false)).collect(),
                 history: Mutex::new(HashMap::new()),
                 _supervisors: sups,
             }),
@@ -477,14 +480,18 @@ impl Remote {
     }
 
     /// Escalation: restart the module, i.e. every context. Requests other contexts are running
-    /// die with them, are rolled back by their callers and retried. (`except`, the faulting
+    /// die with them, are rolled back by their callers and retried. Idle contexts are marked
+    /// stale and replaced just before their next request, so the escalated request's retry
+    /// does not wait for four simultaneous respawns on two CPUs. (`except`, the faulting
     /// context, is already dead or was just killed: its replacement is a fresh image.)
     fn restart_module(&self, except: usize) {
         for j in (0..self.opts.contexts).filter(|&j| j != except) {
             if self.clients[j].load(Ordering::Acquire) != 0 {
                 self.abort[j].store(ABORT_COLLATERAL, Ordering::Release);
+                self.kill_context(j);
+            } else {
+                self.stale[j].store(true, Ordering::Release);
             }
-            self.kill_context(j);
         }
     }
 
@@ -574,6 +581,12 @@ fn call_remote(
 ) -> Reply {
     let slot = r.acquire();
     r.clients[slot].store(req.ctx.pid.max(1), Ordering::Release);
+    if r.stale[slot].swap(false, Ordering::AcqRel) {
+        // Replaced now; should the old process claim the request before it dies, the death
+        // is a collateral one and the request is retried.
+        r.abort[slot].store(ABORT_COLLATERAL, Ordering::Release);
+        r.kill_context(slot);
+    }
     let reply = run_in_context(r, store, slot, &req, fault, stats);
     r.clients[slot].store(0, Ordering::Release);
     r.abort[slot].store(ABORT_NONE, Ordering::Release);

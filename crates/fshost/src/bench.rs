@@ -199,8 +199,14 @@ impl Target {
         })
     }
 
-    fn kintsugi(base: &Path, exe: &Path, module: &str, level: u8) -> Result<Target, HostError> {
-        let dir = base.join(format!("{module}-l{level}"));
+    fn kintsugi(
+        base: &Path,
+        exe: &Path,
+        module: &str,
+        level: u8,
+        extra: &[&str],
+    ) -> Result<Target, HostError> {
+        let dir = base.join(format!("{module}-l{level}{}", extra.join("")));
         std::fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
         let out = Command::new(exe)
             .args([
@@ -212,6 +218,7 @@ impl Target {
                 "--size",
                 "512M",
             ])
+            .args(extra)
             .arg(&dir)
             .output()
             .map_err(io("running kintsugi mount", &dir))?;
@@ -294,11 +301,14 @@ pub fn run_with_recovery(
     }
     let base = std::env::temp_dir().join(format!("kintsugi-bench-fs-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(io("mkdir", &base))?;
-    let systems: [(&'static str, Option<u8>); 4] = [
+    // Level 4 runs with containment (the default: write-protected globals, the flag) and, beside
+    // it, as the restart-only rung without the write trap: the difference is containment's cost.
+    let systems: [(&'static str, Option<u8>); 5] = [
         ("tmpfs", None),
         ("fuser_plain", None),
         ("smfs", Some(5)),
         ("smfs", Some(4)),
+        ("smfs_restart_only", Some(4)),
     ];
     let mut rows = Vec::new();
     for (fs, level) in systems {
@@ -308,8 +318,11 @@ pub fn run_with_recovery(
         ));
         let t = match (fs, level) {
             ("tmpfs", _) => Target::tmpfs(&base)?,
-            ("fuser_plain", _) => Target::kintsugi(&base, &opts.exe, crate::mount::PLAIN, 5)?,
-            (_, l) => Target::kintsugi(&base, &opts.exe, "smfs", l.unwrap_or(5))?,
+            ("fuser_plain", _) => Target::kintsugi(&base, &opts.exe, crate::mount::PLAIN, 5, &[])?,
+            ("smfs_restart_only", _) => {
+                Target::kintsugi(&base, &opts.exe, "smfs", 4, &["--recovery", "restart"])?
+            }
+            (_, l) => Target::kintsugi(&base, &opts.exe, "smfs", l.unwrap_or(5), &[])?,
         };
         for (workload, samples) in [
             ("copy64k", copy64k(&t.dir, opts.copy_reps)?),
@@ -326,7 +339,7 @@ pub fn run_with_recovery(
                 ratio_to_level5: None,
             });
         }
-        if level == Some(4) && crashes > 0 {
+        if fs == "smfs" && level == Some(4) && crashes > 0 {
             let v = recovery(&t.dir, crashes)?;
             rec = Some(Recovery {
                 median_us: pct(&v, 0.5),

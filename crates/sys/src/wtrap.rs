@@ -26,6 +26,9 @@ const MAX_RANGES: usize = 8;
 /// ranges (a request that writes more than 16 MiB of distinct global pages).
 const MAX_OPEN: usize = 4096;
 const PAGE: usize = 4096;
+/// A first write opens this much around the faulting page (aligned, clipped to its range):
+/// sequential writes (file data in consecutive blocks) then fault once per 64 KiB, not per page.
+const WINDOW: usize = 16 * PAGE;
 
 static GLOBAL_START: [AtomicUsize; MAX_RANGES] = [const { AtomicUsize::new(0) }; MAX_RANGES];
 static GLOBAL_END: [AtomicUsize; MAX_RANGES] = [const { AtomicUsize::new(0) }; MAX_RANGES];
@@ -52,6 +55,15 @@ fn in_ranges(starts: &[AtomicUsize], ends: &[AtomicUsize], addr: usize) -> bool 
     })
 }
 
+/// The registered range containing `addr`, as `(start, end)`.
+fn range_of(starts: &[AtomicUsize], ends: &[AtomicUsize], addr: usize) -> Option<(usize, usize)> {
+    starts.iter().zip(ends).find_map(|(s, e)| {
+        let s = s.load(Ordering::Relaxed);
+        let e = e.load(Ordering::Relaxed);
+        (s != 0 && addr >= s && addr < e).then_some((s, e))
+    })
+}
+
 fn set_default(sig: libc::c_int) {
     // SAFETY: a zeroed sigaction with SIG_DFL is a valid argument; sigaction is
     // async-signal-safe. Restoring the default lets the re-executed access end the process.
@@ -67,15 +79,18 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     // for SIGSEGV and SIGBUS.
     let addr = unsafe { (*info).si_addr() } as usize;
     FAULT_ADDR.store(addr, Ordering::Relaxed);
-    if sig == libc::SIGSEGV && in_ranges(&GLOBAL_START, &GLOBAL_END, addr) {
-        let page = addr & !(PAGE - 1);
-        // SAFETY: `page` lies inside a range registered by `install`, which is a live shared
-        // mapping of this process; making one of its pages writable changes no Rust-visible
-        // object, only the permission the MMU enforces.
+    if sig == libc::SIGSEGV
+        && let Some((lo, hi)) = range_of(&GLOBAL_START, &GLOBAL_END, addr)
+    {
+        let page = (addr & !(WINDOW - 1)).max(lo);
+        let end = (page + WINDOW).min(hi);
+        // SAFETY: `[page, end)` lies inside a range registered by `install`, which is a live
+        // shared mapping of this process; making it writable changes no Rust-visible object,
+        // only the permission the MMU enforces.
         let ok = unsafe {
             libc::mprotect(
                 page as *mut libc::c_void,
-                PAGE,
+                end - page,
                 libc::PROT_READ | libc::PROT_WRITE,
             )
         } == 0;
@@ -86,9 +101,13 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
                 // mapped for the life of the process (the caller promises it).
                 unsafe { (*flag).store(1, Ordering::SeqCst) };
             }
-            let n = N_OPENED.fetch_add(1, Ordering::Relaxed);
-            if n < MAX_OPEN {
-                OPENED[n].store(page, Ordering::Relaxed);
+            let mut p = page;
+            while p < end {
+                let n = N_OPENED.fetch_add(1, Ordering::Relaxed);
+                if n < MAX_OPEN {
+                    OPENED[n].store(p, Ordering::Relaxed);
+                }
+                p += PAGE;
             }
             return;
         }
@@ -250,7 +269,7 @@ mod tests {
                 crate::process::exit_now(11);
             }
             region.write(PAGE + 8, b"hello");
-            if flag.load(Ordering::SeqCst) != 1 || reprotect().ok() != Some(1) {
+            if flag.load(Ordering::SeqCst) != 1 || reprotect().ok() != Some(2) {
                 crate::process::exit_now(12);
             }
             flag.store(0, Ordering::SeqCst);

@@ -235,9 +235,16 @@ impl Store {
         (self.region.atomic_u64(o), self.region.atomic_u64(o + 8))
     }
 
-    /// Lock-table slot for lock id `id`.
+    /// Lock-table slot for lock id `id`. Small ids (inode numbers) map to themselves and the
+    /// two largest ids (module-wide locks such as SMFS's rename and superblock locks) to the
+    /// last slots, so a module's global lock order by id is also the order of slots and two
+    /// ids never share one; only ids beyond the table wrap.
     pub fn lock_slot(id: u64) -> usize {
-        (id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize % LOCK_SLOTS
+        match id {
+            u64::MAX => LOCK_SLOTS - 1,
+            x if x == u64::MAX - 1 => LOCK_SLOTS - 2,
+            x => (x % (LOCK_SLOTS as u64 - 2)) as usize,
+        }
     }
 
     /// `owner`'s registry: `[count][slot; REG_SLOTS]`, written only by the owner (and by the

@@ -436,9 +436,10 @@ impl Filesystem for HostFs {
             Reply::Err(e) => {
                 let cached = *self.root_attr.lock().unwrap_or_else(|p| p.into_inner());
                 match cached {
-                    Some(a) if root && self.stats.gave_up.load(Ordering::Acquire) => {
-                        reply.attr(&Duration::ZERO, &fuse_attr(&a))
-                    }
+                    // The root's attributes are what the kernel needs to reach the control
+                    // files (status, fsck): a module that cannot answer for the root (given up,
+                    // or failing on it) must not lock the operator out.
+                    Some(a) if root => reply.attr(&Duration::ZERO, &fuse_attr(&a)),
                     _ => reply.error(err(e)),
                 }
             }

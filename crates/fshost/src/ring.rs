@@ -148,9 +148,12 @@ impl Ring {
         self.region
             .atomic_u64(H_SITE_SEED)
             .store(seed, Ordering::SeqCst);
-        self.region
-            .atomic_u64(H_SITE_HITS)
-            .store(0, Ordering::SeqCst);
+        // Disarming keeps the count, so it can be read afterwards.
+        if site != 0 {
+            self.region
+                .atomic_u64(H_SITE_HITS)
+                .store(0, Ordering::SeqCst);
+        }
         self.region.atomic_u32(H_SITE).store(site, Ordering::SeqCst);
     }
 

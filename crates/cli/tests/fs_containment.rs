@@ -77,7 +77,8 @@ fn global_fault_escalates_rolls_back_and_retries() {
     let s = m.status();
     assert_eq!(n(&s, "escalations"), 1, "{s}");
     assert_eq!(n(&s, "contained"), 0, "{s}");
-    assert!(n(&s, "restarts") >= 4, "every context restarts: {s}");
+    // The faulting context restarts now; idle ones are replaced before their next request.
+    assert!(n(&s, "restarts") >= 1 && n(&s, "retries") == 1, "{s}");
     assert!(
         std::fs::read(m.path("new")).unwrap() == d,
         "retried write lost"

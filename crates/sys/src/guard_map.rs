@@ -5,7 +5,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-/// A whole file mapped read-only (`MAP_PRIVATE`, populated up front).
+/// A whole file mapped read-only (`MAP_PRIVATE`; pages are mapped in as they are first read,
+/// which measured faster here than `MAP_POPULATE` for a 100 MB layer that is then checksummed).
 #[derive(Debug)]
 pub struct MappedFile {
     ptr: *mut u8,
@@ -38,7 +39,7 @@ impl MappedFile {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE,
                 file.as_raw_fd(),
                 0,
             )

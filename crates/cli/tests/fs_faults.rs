@@ -60,8 +60,12 @@ fn cell(m: &Mount, fault: &str, phase: &str, acked: &mut Vec<(std::path::PathBuf
     m.assert_alive();
     // The next request after an idle hang is what trips the deadline: make one, then look.
     let _ = std::fs::metadata(m.path("ack-probe"));
-    let after =
-        m.status()["module_failures"].as_u64().unwrap() + m.status()["restarts"].as_u64().unwrap();
+    // The supervisor reports a death asynchronously: give a loaded machine a moment.
+    let fired = |m: &Mount| {
+        m.status()["module_failures"].as_u64().unwrap() + m.status()["restarts"].as_u64().unwrap()
+    };
+    testkit::wait_until(std::time::Duration::from_secs(5), || fired(m) > before);
+    let after = fired(m);
     assert!(
         after > before,
         "{tag}: the fault never fired (failures+restarts {before} -> {after})"

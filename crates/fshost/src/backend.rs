@@ -313,12 +313,21 @@ impl Backend {
         }
     }
 
-    /// Delivers a fault to the module between requests (level 4 only): to context 0.
+    /// Delivers a fault to the module between requests (level 4 only).
     pub fn idle_fault(&self, fault: Fault) -> Result<(), String> {
         match self {
             Backend::Direct(..) => Err("level 5 has no isolation: an idle fault would take the whole mount down; mount with --level 4, or arm it for a request with --during".into()),
             Backend::Remote(r, _) => {
-                r.ring.post_idle_fault(0, fault.code());
+                // To the context the next request will go to (the pool is LIFO), so a hang
+                // while idle is met by that request's deadline.
+                let next = r
+                    .pool
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .last()
+                    .copied()
+                    .unwrap_or(0);
+                r.ring.post_idle_fault(next, fault.code());
                 Ok(())
             }
         }

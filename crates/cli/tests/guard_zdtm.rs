@@ -380,6 +380,15 @@ fn pipe_between_two_processes_it_forked() {
     case_tree("forkpipe", &[N], Crash::Both, 3);
 }
 
+/// A pipe whose writer exited (and was reaped) with bytes still in it: the reader restored
+/// mid-stream gets the rest, then end-of-file (the write end comes back closed).
+#[test]
+fn pipe_whose_writer_exited() {
+    let _cleanup = Cleanup;
+    case_tree("pipeeof", &[N], Crash::App, 2);
+    case_tree("pipeeof", &[N], Crash::Both, 2);
+}
+
 /// Parent and child each keep their own counter at the same addresses, and check their pids.
 #[test]
 fn parent_and_child_each_with_own_counter() {

@@ -60,6 +60,9 @@ pub(crate) struct Proc {
     nspid: i32,
 }
 
+/// The kernel's "restart this call" result (not visible to programs).
+const ERESTARTSYS: i64 = 512;
+
 /// Whole-mapping captures at least this big are copied after the program resumes.
 const LATE_COPY_MIN: usize = 8 << 20;
 
@@ -137,6 +140,24 @@ fn stop_threads(pid: Pid) -> std::io::Result<Vec<Tracee<Stopped>>> {
             }
         }
     }
+}
+
+/// [`stop_threads`] for a child that may be exiting right now: ptrace refuses (EPERM) a
+/// process that is on its way out, so that is retried briefly until it is a zombie or gone
+/// (reported as ESRCH) or can be stopped after all.
+fn stop_exiting_aware(pid: Pid) -> std::io::Result<Vec<Tracee<Stopped>>> {
+    for _ in 0..50 {
+        match stop_threads(pid) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => match procfs::run_state(pid) {
+                None | Some(('Z' | 'X', _)) => {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Some(_) => std::thread::sleep(Duration::from_micros(200)),
+            },
+            r => return r,
+        }
+    }
+    stop_threads(pid)
 }
 
 /// Children of `pid` made by any of its threads (host pids).
@@ -301,7 +322,7 @@ impl Incarnation {
                     }
                     Some(_) => {}
                 }
-                match stop_threads(c) {
+                match stop_exiting_aware(c) {
                     Ok(threads) => tree.procs.push(StoppedProc {
                         pid: c,
                         parent: Some(parent),
@@ -342,6 +363,10 @@ impl Incarnation {
                 lg.tgids.insert(t.pid().as_raw(), p.pid.as_raw());
             }
         }
+        let mut tids = std::mem::take(&mut lg.exec_seen);
+        let exec_seen = lg.processes_of(&mut tids, &alive);
+        let mut tids = std::mem::take(&mut lg.brk_changed);
+        let brk_changed = lg.processes_of(&mut tids, &alive);
         let nspid = |pid: Pid| procfs::ns_tid(pid, pid).unwrap_or(1);
         let mut refusals = lg.refusals.clone();
         let mut states: Vec<ProcState> = Vec::new();
@@ -377,8 +402,9 @@ impl Incarnation {
                     p.nspid
                 ));
             }
+            let changed = (exec_seen.contains(&key), brk_changed.contains(&key));
             let (mut st, pages, pfds, prefusals) =
-                p.capture(&mut sp.threads, prog, &mut lg, seq, &mut peeked)?;
+                p.capture(&mut sp.threads, prog, &mut lg, seq, &mut peeked, changed)?;
             st.ppid = ppid;
             host_ns.insert(key, p.nspid);
             groups.push(procfs::tree_fields(sp.pid).unwrap_or((0, 0, libc::SIGCHLD)));
@@ -389,6 +415,7 @@ impl Incarnation {
             states.push(st);
         }
         assign_descs(&mut fds);
+        self.mark_closed_peers(&mut fds);
         let all: Vec<crate::model::Fd> = fds
             .iter()
             .flat_map(|(_, v)| v.iter().map(|f| f.0.clone()))
@@ -425,6 +452,42 @@ impl Incarnation {
             log_dropped: dropped,
         };
         Ok(layer)
+    }
+}
+
+impl Incarnation {
+    /// A pipe end whose other end no process of the tree holds: if nobody holds it (the
+    /// writers all exited, say), it is marked `peer_closed` and rebuilt so; otherwise it stays
+    /// unmarked and the layer is refused (see `procfs::pipe_refusals`).
+    fn mark_closed_peers(&self, fds: &mut [(Pid, Vec<FdObj>)]) {
+        let all: Vec<crate::model::Fd> = fds
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(|f| f.0.clone()))
+            .collect();
+        let lonely = procfs::one_ended_pipes(&all);
+        if lonely.is_empty() {
+            return;
+        }
+        for (pid, v) in fds.iter_mut() {
+            let Some(p) = self.procs.get(&pid.as_raw()) else {
+                continue;
+            };
+            for (f, _, _) in v.iter_mut() {
+                let fd = f.fd;
+                if let crate::model::FdKind::Pipe {
+                    inode,
+                    write_end,
+                    peer_closed,
+                    ..
+                } = &mut f.kind
+                    && lonely.contains(&(*inode, *write_end))
+                {
+                    *peer_closed = sys::guard_fd::pidfd_getfd(p.pidfd.as_fd(), fd)
+                        .and_then(|c| sys::guard_fd::pipe_peer_closed(c.as_fd(), *write_end))
+                        .unwrap_or(false);
+                }
+            }
+        }
     }
 }
 
@@ -606,6 +669,7 @@ impl Proc {
         lg: &mut Log,
         seq: u64,
         peeked: &mut Vec<u64>,
+        (exec_seen, brk_changed): (bool, bool),
     ) -> Result<(ProcState, PageRuns, Vec<FdObj>, Vec<String>)> {
         let pid = self.pid;
         let key = pid.as_raw();
@@ -618,16 +682,24 @@ impl Proc {
         // Registers of every thread before any injection (an injection consumes the kernel's
         // own restart of an interrupted call).
         let mut saved = Vec::with_capacity(threads.len());
-        for t in threads.iter() {
-            saved.push(t.regs().map_err(sys_err("reading registers"))?);
+        for t in threads.iter_mut() {
+            let r = t.regs().map_err(sys_err("reading registers"))?;
+            // A trapped call interrupted while waiting for our answer re-executes, signal or
+            // not (see `log::restart_after_checkpoint`).
+            if -(r.rax as i64) == ERESTARTSYS
+                && crate::log::restart_after_checkpoint(r.orig_rax as i64)
+            {
+                t.restore_regs(&r)
+                    .map_err(sys_err("restarting an interrupted trapped call"))?;
+            }
+            saved.push(r);
         }
         let (leader, _) = threads.split_first_mut().expect("the leader is stopped");
-        if lg.exec_seen.remove(&key) {
+        if exec_seen {
             self.tracker = None;
             self.insn = None;
             self.clear_tids.clear();
         }
-        let brk_changed = lg.brk_changed.remove(&key);
         if self.tracker.is_none() || brk_changed || self.brk == 0 {
             if self.tracker.is_none() {
                 self.arm_tracker(leader)?;

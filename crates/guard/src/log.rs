@@ -64,6 +64,24 @@ pub const TRAPPED: &[(i64, &str)] = &[
     (libc::SYS_shmat, "shmat"),
 ];
 
+/// Whether trapped call `nr`, found interrupted (`-ERESTARTSYS`) when a checkpoint stops its
+/// thread, was interrupted while waiting for the guard's answer rather than in the kernel's own
+/// work: these calls never block by themselves (unlike open of a FIFO or connect). The
+/// checkpoint makes such a call re-execute whatever signal comes meanwhile; left to the kernel,
+/// a signal with a handler lacking `SA_RESTART` that arrived during the stop would turn it into
+/// EINTR without running it (a `close` that fails and leaves the fd open).
+pub fn restart_after_checkpoint(nr: i64) -> bool {
+    TRAPPED.iter().any(|t| t.0 == nr)
+        && ![
+            libc::SYS_open,
+            libc::SYS_openat,
+            libc::SYS_openat2,
+            libc::SYS_creat,
+            libc::SYS_connect,
+        ]
+        .contains(&nr)
+}
+
 /// Trapped syscall numbers, for the filter.
 pub fn trapped_numbers() -> Vec<i64> {
     TRAPPED.iter().map(|t| t.0).collect()
@@ -130,9 +148,11 @@ pub struct Log {
     /// Address ranges whose contents were replaced or discarded (mmap MAP_FIXED, madvise
     /// DONTNEED…): mappings overlapping them are captured in full at the next checkpoint.
     pub rebaseline: Vec<(u64, u64)>,
-    /// Processes (host pid) whose brk moved: re-read the break at the next checkpoint.
+    /// Threads (host tid) that moved their process's brk: re-read it at the next checkpoint.
+    /// Kept by thread, resolved to processes at the checkpoint (see [`Log::processes_of`]):
+    /// looking the process up here would slow the answer to every trapped call.
     pub brk_changed: BTreeSet<i32>,
-    /// Processes (host pid) that exec'd: their whole memory and tracker are new.
+    /// Threads (host tid) that exec'd: their process's memory and tracker are new.
     pub exec_seen: BTreeSet<i32>,
     /// Thread → process (host ids), learnt at checkpoints and from /proc for new threads.
     pub tgids: HashMap<i32, i32>,
@@ -217,7 +237,7 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
         Some(p) => p,
         None => return Verdict::Continue,
     };
-    let tgid = tgid_of(log, n.pid as i32);
+    let tid = n.pid as i32;
     if !n.is_native_abi() {
         push_refusal(
             log,
@@ -242,11 +262,11 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
         }
         libc::SYS_execve => {
             detail = read_cstr(pid, a[0]);
-            log.exec_seen.insert(tgid);
+            log.exec_seen.insert(tid);
             Verdict::Continue
         }
         libc::SYS_execveat => {
-            log.exec_seen.insert(tgid);
+            log.exec_seen.insert(tid);
             Verdict::Continue
         }
         libc::SYS_mmap => {
@@ -275,7 +295,7 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
             Verdict::Continue
         }
         libc::SYS_brk => {
-            log.brk_changed.insert(tgid);
+            log.brk_changed.insert(tid);
             Verdict::Continue
         }
         libc::SYS_rt_sigaction => {
@@ -286,6 +306,8 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
                     restorer: w[2],
                     mask: w[3],
                 };
+                // Rare calls: their process is looked up now.
+                let tgid = tgid_of(log, tid);
                 log.sigactions
                     .entry(tgid)
                     .or_default()
@@ -309,6 +331,7 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
                     interval_us: us(w[0], w[1]),
                     value_us: us(w[2], w[3]),
                 };
+                let tgid = tgid_of(log, tid);
                 log.itimers.entry(tgid).or_default().insert(t.which, t);
             }
             Verdict::Continue
@@ -319,6 +342,7 @@ pub fn record(log: &mut Log, n: &Notification<'_>) -> Verdict {
                 interval_us: 0,
                 value_us: a[0].saturating_mul(1_000_000),
             };
+            let tgid = tgid_of(log, tid);
             log.itimers.entry(tgid).or_default().insert(t.which, t);
             Verdict::Continue
         }
@@ -433,6 +457,22 @@ impl Log {
         committed.iter().map(|(&s, &a)| (s, a)).collect()
     }
 
+    /// The processes (host pids, among `alive`) of the threads in `tids`, emptying it. A
+    /// thread that is gone (an exec by a non-leader thread changes its id) counts for every
+    /// process: re-reading too much is safe, missing a change is not.
+    pub fn processes_of(&mut self, tids: &mut BTreeSet<i32>, alive: &[i32]) -> BTreeSet<i32> {
+        let mut out = BTreeSet::new();
+        for tid in std::mem::take(tids) {
+            match self.tgids.get(&tid) {
+                Some(g) if alive.contains(g) => {
+                    out.insert(*g);
+                }
+                _ => out.extend(alive.iter().copied()),
+            }
+        }
+        out
+    }
+
     /// Forgets what the log holds for processes that are gone (not in `alive`, host pids).
     pub fn retain_processes(&mut self, alive: &[i32]) {
         self.committed_sigactions.retain(|p, _| alive.contains(p));
@@ -464,6 +504,12 @@ mod tests {
         assert!(!f.traps(0xC000_003E, libc::SYS_getpid as u32));
         assert!(!f.traps(0xC000_003E, libc::SYS_read as u32));
         assert!(f.traps(0xC000_003E, libc::SYS_openat as u32));
+        assert!(restart_after_checkpoint(libc::SYS_close));
+        assert!(
+            !restart_after_checkpoint(libc::SYS_openat),
+            "may block on a FIFO"
+        );
+        assert!(!restart_after_checkpoint(libc::SYS_read), "not trapped");
     }
 
     #[test]

@@ -63,7 +63,8 @@ pub enum FdKind {
     },
     /// `openat(path, O_DIRECTORY)`.
     Dir { path: String },
-    /// One end of a pipe; both ends must be in the process (recreated with `pipe2`).
+    /// One end of a pipe; the other end must be held by a process of the tree, or by none
+    /// (recreated with `pipe2`).
     Pipe {
         inode: u64,
         write_end: bool,
@@ -73,6 +74,10 @@ pub enum FdKind {
         /// The pipe's capacity (F_GETPIPE_SZ), with `data`.
         #[serde(default)]
         capacity: u64,
+        /// No process holds the other end any more (a reader whose writers all exited, or
+        /// the reverse): rebuilt with that end closed.
+        #[serde(default)]
+        peer_closed: bool,
     },
     /// A listening TCP socket: `socket`, `setsockopt`s, `bind`, `listen`.
     TcpListen {

@@ -306,6 +306,7 @@ pub fn fds_of(
                 write_end,
                 data,
                 capacity,
+                peer_closed: false,
             }
         } else if let Some(rest) = link.strip_prefix("socket:[") {
             let inode: u64 = rest.trim_end_matches(']').parse().unwrap_or(0);
@@ -462,10 +463,9 @@ pub fn fds_of(
     Ok((out, refusals))
 }
 
-/// A pipe can only be rebuilt when both of its ends are held by the program (any process of
-/// its tree): the reasons for those that are not.
-pub fn pipe_refusals(all: &[Fd]) -> Vec<String> {
-    let mut refusals = Vec::new();
+/// Pipes of which only one end is held by the program (any process of its tree): `(inode,
+/// which end it holds)`.
+pub fn one_ended_pipes(all: &[Fd]) -> Vec<(u64, bool)> {
     let pipes: Vec<(u64, bool)> = all
         .iter()
         .filter_map(|f| match f.kind {
@@ -475,8 +475,26 @@ pub fn pipe_refusals(all: &[Fd]) -> Vec<String> {
             _ => None,
         })
         .collect();
-    for &(inode, we) in &pipes {
-        if !pipes.iter().any(|&(i, w)| i == inode && w != we) {
+    let mut out: Vec<(u64, bool)> = pipes
+        .iter()
+        .filter(|&&(inode, we)| !pipes.iter().any(|&(i, w)| i == inode && w != we))
+        .copied()
+        .collect();
+    out.dedup();
+    out
+}
+
+/// A pipe can only be rebuilt when its other end is held by the program (any process of its
+/// tree) or by nobody: the reasons for those whose peer is elsewhere.
+pub fn pipe_refusals(all: &[Fd]) -> Vec<String> {
+    let mut refusals = Vec::new();
+    let closed = |inode: u64| {
+        all.iter().any(
+            |f| matches!(f.kind, FdKind::Pipe { inode: i, peer_closed: true, .. } if i == inode),
+        )
+    };
+    for (inode, _) in one_ended_pipes(all) {
+        if !closed(inode) {
             let why = format!(
                 "pipe:[{inode}] has only one end in the program (its peer is a process outside the guarded tree)"
             );

@@ -184,6 +184,31 @@ pub fn same_mm(pid1: crate::Pid, pid2: crate::Pid) -> io::Result<bool> {
     Ok(kcmp(pid1, pid2, KCMP_VM, 0, 0)? == 0)
 }
 
+/// Whether every other end of a pipe is closed: no writer is left for a read end (POLLHUP),
+/// no reader for a write end (POLLERR). `end` is a copy of one end (see [`pidfd_getfd`]).
+pub fn pipe_peer_closed(end: BorrowedFd<'_>, write_end: bool) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: end.as_raw_fd(),
+        events: if write_end {
+            libc::POLLOUT
+        } else {
+            libc::POLLIN
+        },
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bit = if write_end {
+        libc::POLLERR
+    } else {
+        libc::POLLHUP
+    };
+    Ok(p.revents & bit != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +230,24 @@ mod tests {
         );
         assert!(same_mm(me, me).unwrap());
         assert!(same_file(me, a, me, 9999).is_err(), "no such fd");
+    }
+
+    #[test]
+    fn pipe_peer_closed_sees_the_other_end_go() {
+        let (r, w) = crate::ns::pipe_cloexec().unwrap();
+        use std::os::fd::AsFd;
+        assert!(!pipe_peer_closed(r.as_fd(), false).unwrap());
+        assert!(!pipe_peer_closed(w.as_fd(), true).unwrap());
+        let w2 = w.try_clone().unwrap();
+        drop(w);
+        assert!(
+            !pipe_peer_closed(r.as_fd(), false).unwrap(),
+            "a copy still writes"
+        );
+        drop(w2);
+        assert!(pipe_peer_closed(r.as_fd(), false).unwrap());
+        let (r, w) = crate::ns::pipe_cloexec().unwrap();
+        drop(r);
+        assert!(pipe_peer_closed(w.as_fd(), true).unwrap());
     }
 }

@@ -120,8 +120,19 @@ impl NotifyFilter {
     }
 }
 
+/// `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` (Linux 5.19): once the supervisor has received a
+/// notification, the trapped thread waits for the answer killably only.
+const FLAG_WAIT_KILLABLE_RECV: libc::c_ulong = 1 << 5;
+
 /// Installs `filter` on the calling thread with `SECCOMP_FILTER_FLAG_NEW_LISTENER` and returns
 /// the raw listener fd (close-on-exec, owned by the caller).
+///
+/// Also with `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` where the kernel has it: otherwise a
+/// signal whose handler lacks `SA_RESTART`, arriving while the supervisor is answering, makes
+/// the trapped call fail with EINTR *without running it* — a `close` that returns EINTR and
+/// leaves the fd open, which no program retries (dash leaked pipe ends so, its SIGCHLD handler
+/// interrupting the closes after fork). A thread waiting for an answer then stops for ptrace
+/// only once it has it.
 ///
 /// Async-signal-safe: allocates nothing, so a forked child of a threaded parent may call it.
 pub fn install_listener_filter(filter: &NotifyFilter) -> io::Result<i32> {
@@ -129,41 +140,41 @@ pub fn install_listener_filter(filter: &NotifyFilter) -> io::Result<i32> {
         len: filter.prog.len() as u16,
         filter: filter.prog.as_ptr(),
     };
-    // SAFETY: prog points at a live, correctly laid-out sock_fprog whose filter array has
-    // `len` instructions; the kernel copies it before returning.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &prog as *const SockFprog,
-        )
+    let install = |flags: libc::c_ulong| {
+        // SAFETY: prog points at a live, correctly laid-out sock_fprog whose filter array has
+        // `len` instructions; the kernel copies it before returning.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                flags,
+                &prog as *const SockFprog,
+            )
+        };
+        if r >= 0 {
+            Ok(r as i32)
+        } else {
+            Err(io::Error::last_os_error())
+        }
     };
-    if r >= 0 {
-        return Ok(r as i32);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EACCES) {
-        return Err(e);
-    }
-    // Without CAP_SYS_ADMIN the kernel demands no_new_privs first.
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &prog as *const SockFprog,
-        )
+    let both = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | FLAG_WAIT_KILLABLE_RECV;
+    let attempt = || match install(both) {
+        // A kernel before 5.19 does not know the flag.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            install(libc::SECCOMP_FILTER_FLAG_NEW_LISTENER)
+        }
+        r => r,
     };
-    if r >= 0 {
-        Ok(r as i32)
-    } else {
-        Err(io::Error::last_os_error())
+    match attempt() {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            // Without CAP_SYS_ADMIN the kernel demands no_new_privs first.
+            // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only.
+            if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            attempt()
+        }
+        r => r,
     }
 }
 

@@ -689,6 +689,7 @@ impl Proc {
             if -(r.rax as i64) == ERESTARTSYS
                 && crate::log::restart_after_checkpoint(r.orig_rax as i64)
             {
+                tracing::trace!(target: "guard", "thread {} restarts trapped call {}", t.pid(), r.orig_rax);
                 t.restore_regs(&r)
                     .map_err(sys_err("restarting an interrupted trapped call"))?;
             }

@@ -162,12 +162,26 @@ fn resolve(cmd: &str) -> Result<String> {
 }
 
 fn serve(listener: Arc<Listener>, log: Arc<Mutex<Log>>, stop: Arc<AtomicBool>) {
+    // A trapped call can be cut short by a signal until we have received it: take it the
+    // moment it arrives, ahead of the checkpoints and the program's other processes.
+    if let Err(e) = sys::guard_sched::make_thread_realtime() {
+        tracing::debug!(target: "guard", "notification thread stays at normal priority: {e}");
+    }
     loop {
         match listener.wait(Duration::from_millis(100)) {
             Ok(ListenerState::Ready) => {
                 let Ok(Some(n)) = listener.recv() else {
                     continue;
                 };
+                if log::answer_first(n.nr) && n.is_native_abi() {
+                    let (tid, nr, args) = (n.pid, n.nr, n.args);
+                    if let Err(e) = n.respond_continue() {
+                        tracing::debug!(target: "guard", "answering a trapped call: {e}");
+                    }
+                    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                    log::record_answered(&mut l, tid, nr, args);
+                    continue;
+                }
                 let verdict = {
                     let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
                     log::record(&mut l, &n)

@@ -82,6 +82,63 @@ pub fn restart_after_checkpoint(nr: i64) -> bool {
         .contains(&nr)
 }
 
+/// Trapped calls whose log entry is informational only (the checkpoint reads their effect
+/// from /proc: the fd table, cwd, umask). They are answered first and recorded after: a call
+/// waiting for its answer can be cut short by a signal (see `restart_after_checkpoint`), so
+/// every microsecond before the answer counts. Calls whose record the checkpoint relies on
+/// (mmap's replaced ranges, brk, handlers, timers, exec, socket options) are recorded before
+/// they are answered.
+pub fn answer_first(nr: i64) -> bool {
+    [
+        libc::SYS_close,
+        libc::SYS_close_range,
+        libc::SYS_dup,
+        libc::SYS_dup2,
+        libc::SYS_dup3,
+        libc::SYS_pipe,
+        libc::SYS_pipe2,
+        libc::SYS_socket,
+        libc::SYS_bind,
+        libc::SYS_connect,
+        libc::SYS_eventfd,
+        libc::SYS_eventfd2,
+        libc::SYS_epoll_create,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_timerfd_create,
+        libc::SYS_signalfd4,
+        libc::SYS_umask,
+        libc::SYS_chdir,
+        libc::SYS_fchdir,
+        libc::SYS_open,
+        libc::SYS_openat,
+        libc::SYS_openat2,
+        libc::SYS_creat,
+    ]
+    .contains(&nr)
+}
+
+/// Records a call answered already (see [`answer_first`]): its entry, with the path it named
+/// read now (informational: the caller may have reused the buffer meanwhile).
+pub fn record_answered(log: &mut Log, tid: u32, nr: i64, args: [u64; 6]) {
+    log.trapped += 1;
+    let detail = Pid::from_raw(tid as i32).and_then(|pid| match nr {
+        libc::SYS_open | libc::SYS_creat | libc::SYS_chdir => read_cstr(pid, args[0]),
+        libc::SYS_openat | libc::SYS_openat2 => read_cstr(pid, args[1]),
+        _ => None,
+    });
+    if log.entries.len() < MAX_ENTRIES {
+        log.entries.push(LogEntry {
+            call: name_of(nr).to_string(),
+            class: Class::ChangesLog,
+            args,
+            detail,
+        });
+    } else {
+        log.dropped += 1;
+    }
+}
+
 /// Trapped syscall numbers, for the filter.
 pub fn trapped_numbers() -> Vec<i64> {
     TRAPPED.iter().map(|t| t.0).collect()
@@ -505,6 +562,18 @@ mod tests {
         assert!(!f.traps(0xC000_003E, libc::SYS_read as u32));
         assert!(f.traps(0xC000_003E, libc::SYS_openat as u32));
         assert!(restart_after_checkpoint(libc::SYS_close));
+        assert!(answer_first(libc::SYS_close) && !answer_first(libc::SYS_mmap));
+        for nr in [
+            libc::SYS_brk,
+            libc::SYS_rt_sigaction,
+            libc::SYS_execve,
+            libc::SYS_io_uring_setup,
+        ] {
+            assert!(
+                !answer_first(nr),
+                "{nr}: the checkpoint needs its record first"
+            );
+        }
         assert!(
             !restart_after_checkpoint(libc::SYS_openat),
             "may block on a FIFO"

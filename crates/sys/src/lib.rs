@@ -17,6 +17,7 @@ pub mod fault;
 pub mod fs_ring;
 pub mod guard_fd;
 pub mod guard_map;
+pub mod guard_sched;
 pub mod guard_sig;
 pub mod netlink;
 pub mod ns;

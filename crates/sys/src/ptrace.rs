@@ -341,15 +341,18 @@ impl Tracee<Stopped> {
         std::mem::take(&mut self.pending)
     }
 
-    /// Resumes the thread and ends tracing. Signals held back while we drove it are
-    /// delivered: the first with the detach, the rest re-sent.
+    /// Resumes the thread and ends tracing. Signals held back while we drove it are queued
+    /// on it again first (`tkill` while it is still stopped), so it takes them as soon as it
+    /// runs, before anything else — as it would have without us. (Passing one to the detach
+    /// itself is not reliable from an event stop, and sending them after the detach lands them
+    /// at a random later point, e.g. inside a call waiting for the guard, which a handler
+    /// without `SA_RESTART` then turns into EINTR.)
     pub fn detach(mut self) -> io::Result<Pid> {
-        let mut pend = std::mem::take(&mut self.pending);
-        let first = if pend.is_empty() { 0 } else { pend.remove(0) };
-        ptrace(libc::PTRACE_DETACH, self.pid, 0, first as usize)?;
-        for s in pend {
-            let _ = crate::process::kill(self.pid, s);
+        for s in std::mem::take(&mut self.pending) {
+            // SAFETY: tkill takes integers only.
+            let _ = unsafe { libc::syscall(libc::SYS_tkill, self.pid.as_raw(), s) };
         }
+        ptrace(libc::PTRACE_DETACH, self.pid, 0, 0)?;
         Ok(self.pid)
     }
 }

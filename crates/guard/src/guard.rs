@@ -163,7 +163,12 @@ fn resolve(cmd: &str) -> Result<String> {
 
 fn serve(listener: Arc<Listener>, log: Arc<Mutex<Log>>, stop: Arc<AtomicBool>) {
     // A trapped call can be cut short by a signal until we have received it: take it the
-    // moment it arrives, ahead of the checkpoints and the program's other processes.
+    // moment it arrives, ahead of the checkpoints, the layer writes and everything else on
+    // the machine. Measured with a program closing pipes after fork under a SIGCHLD handler
+    // without SA_RESTART (2000 iterations, 20 ms epochs): 4–13 closes failed with EINTR at
+    // normal priority (also with only the busy periods boosted, or a short EEVDF slice), none
+    // real-time. The price: a trapped call costs ≈2 µs more (the real-time wake-up does not
+    // stay on the waker's CPU).
     if let Err(e) = sys::guard_sched::make_thread_realtime() {
         tracing::debug!(target: "guard", "notification thread stays at normal priority: {e}");
     }

@@ -1,17 +1,36 @@
-//! Scheduling for the guard's notification thread: a trapped call waits for its answer, and
-//! until the guard has received it a signal can cut the call short, so the thread that
-//! receives notifications must run the moment one arrives.
+//! Scheduling for the guard's notification thread. A trapped call waits for the guard's
+//! answer, and until the guard has received it a signal can cut the call short (EINTR without
+//! running it, for a handler without `SA_RESTART`). The notification thread is real-time so
+//! it receives every notification the moment it arrives, whatever else runs.
 
 use std::io;
 
-/// Makes the calling thread real-time (`SCHED_FIFO`, the lowest real-time priority): it
-/// preempts ordinary threads as soon as it wakes. Needs CAP_SYS_NICE (root); callers treat
-/// failure as harmless. The thread must block between bursts of work (the kernel's real-time
-/// throttling caps a runaway at 95 % of a CPU anyway).
+/// The calling thread's id (`gettid`).
+pub fn current_tid() -> i32 {
+    // SAFETY: gettid takes nothing and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Makes the calling thread real-time (see [`set_realtime`]).
 pub fn make_thread_realtime() -> io::Result<()> {
-    let p = libc::sched_param { sched_priority: 1 };
-    // SAFETY: p is a valid sched_param; pid 0 is the calling thread.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) };
+    set_realtime(current_tid(), true)
+}
+
+/// Makes thread `tid` real-time (`SCHED_FIFO`, the lowest real-time priority: it preempts
+/// ordinary threads as soon as it wakes) or ordinary again. Needs CAP_SYS_NICE (root). The
+/// thread must block between bursts of work (the kernel's real-time throttling caps a runaway
+/// at 95 % of a CPU anyway).
+pub fn set_realtime(tid: i32, on: bool) -> io::Result<()> {
+    let (policy, prio) = if on {
+        (libc::SCHED_FIFO, 1)
+    } else {
+        (libc::SCHED_OTHER, 0)
+    };
+    let p = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: p is a valid sched_param; tid is a thread id (the kernel checks it).
+    let r = unsafe { libc::sched_setscheduler(tid, policy, &p) };
     if r == 0 {
         Ok(())
     } else {
@@ -24,20 +43,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_thread_can_be_made_realtime_as_root() {
-        let h = std::thread::spawn(|| {
-            let r = make_thread_realtime();
-            // SAFETY: pid 0 is the calling thread; sched_getscheduler takes an integer.
-            let policy = unsafe { libc::sched_getscheduler(0) };
-            (r.is_ok(), policy)
+    fn a_thread_is_made_realtime_and_back() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            tx.send(current_tid()).unwrap();
+            done_rx.recv().unwrap();
         });
-        let (ok, policy) = h.join().unwrap();
+        let tid = rx.recv().unwrap();
+        // SAFETY: sched_getscheduler takes an integer.
+        let policy = || unsafe { libc::sched_getscheduler(tid) };
         // SAFETY: geteuid takes nothing and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
-            assert!(ok);
-            assert_eq!(policy, libc::SCHED_FIFO);
+        let root = unsafe { libc::geteuid() } == 0;
+        let r = set_realtime(tid, true);
+        if root {
+            r.unwrap();
+            assert_eq!(policy(), libc::SCHED_FIFO);
+            set_realtime(tid, false).unwrap();
+            assert_eq!(policy(), libc::SCHED_OTHER);
         } else {
-            assert_eq!(ok, policy == libc::SCHED_FIFO);
+            assert!(r.is_err());
         }
+        done_tx.send(()).unwrap();
+        h.join().unwrap();
     }
 }

@@ -8,12 +8,18 @@ use std::path::Path;
 use guard::image::Layer;
 use libfuzzer_sys::fuzz_target;
 
-/// Pages one by one (encoding may split long runs into several records).
-fn pages(l: &Layer) -> Vec<(u64, &[u8])> {
-    l.pages
-        .iter()
-        .flat_map(|(a, d)| d.chunks(4096).enumerate().map(move |(i, p)| (a + i as u64 * 4096, p)))
-        .collect()
+/// Pages one by one, every process's (encoding may split long runs into several records).
+fn pages(l: &Layer) -> Vec<(i32, u64, &[u8])> {
+    let one = |pid: i32, runs: &'_ [(u64, Vec<u8>)]| {
+        runs.iter()
+            .flat_map(move |(a, d)| d.chunks(4096).enumerate().map(move |(i, p)| (pid, a + i as u64 * 4096, p)))
+            .collect::<Vec<_>>()
+    };
+    let mut v = one(1, &l.pages);
+    for (pid, runs) in &l.tree_pages {
+        v.extend(one(*pid, runs));
+    }
+    v
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -10,11 +10,11 @@ use libfuzzer_sys::fuzz_target;
 
 /// Pages one by one, every process's (encoding may split long runs into several records).
 fn pages(l: &Layer) -> Vec<(i32, u64, &[u8])> {
-    let one = |pid: i32, runs: &'_ [(u64, Vec<u8>)]| {
+    fn one(pid: i32, runs: &[(u64, Vec<u8>)]) -> Vec<(i32, u64, &[u8])> {
         runs.iter()
-            .flat_map(move |(a, d)| d.chunks(4096).enumerate().map(move |(i, p)| (pid, a + i as u64 * 4096, p)))
-            .collect::<Vec<_>>()
-    };
+            .flat_map(|(a, d)| d.chunks(4096).enumerate().map(move |(i, p)| (pid, a + i as u64 * 4096, p)))
+            .collect()
+    }
     let mut v = one(1, &l.pages);
     for (pid, runs) in &l.tree_pages {
         v.extend(one(*pid, runs));

@@ -397,6 +397,14 @@ fn parent_and_child_each_with_own_counter() {
     case_tree("forkcount", &[N], Crash::Both, 2);
 }
 
+/// A forked child with 3 threads of its own: the threads come back inside the restored child.
+#[test]
+fn child_process_with_threads() {
+    let _cleanup = Cleanup;
+    case_tree("forkthreads", &[N], Crash::App, 2);
+    case_tree("forkthreads", &[N], Crash::Both, 2);
+}
+
 /// A child reaped before the checkpoint does not come back; zombies (one exited, one killed by
 /// a signal) come back as zombies with the same wait status.
 #[test]

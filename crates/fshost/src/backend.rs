@@ -521,14 +521,19 @@ impl Remote {
         q.len() >= self.opts.repeat_limit.max(1)
     }
 
+    /// Lock owners of the contexts running a request, other than `except`.
+    fn live_owners(&self, except: usize) -> Vec<Owner> {
+        (0..self.opts.contexts)
+            .filter(|&j| j != except && self.clients[j].load(Ordering::Acquire) != 0)
+            .map(|j| Owner(j as u64 + 1))
+            .collect()
+    }
+
     /// The global data that must stay writable (lock table) and the store header, checked
     /// after a local error. Other contexts may be mid-update of the free count, hence the
     /// slack in the header check (done by `verify_header` against the bitmap).
     fn verify(&self, store: &Store, except: usize) -> Vec<String> {
-        let live: Vec<Owner> = (0..self.opts.contexts)
-            .filter(|&j| j != except && self.clients[j].load(Ordering::Acquire) != 0)
-            .map(|j| Owner(j as u64 + 1))
-            .collect();
+        let live = self.live_owners(except);
         let mut p = store.verify_locks(&live);
         if live.is_empty() {
             p.extend(store.verify_header());
@@ -715,11 +720,7 @@ fn run_in_context(
                 };
                 if !problems.is_empty() {
                     stats.verify_failures.fetch_add(1, Ordering::Relaxed);
-                    let live: Vec<Owner> = (0..r.opts.contexts)
-                        .filter(|&j| j != slot && r.clients[j].load(Ordering::Acquire) != 0)
-                        .map(|j| Owner(j as u64 + 1))
-                        .collect();
-                    let repaired = store.repair_locks(&live);
+                    let repaired = store.repair_locks(&r.live_owners(slot));
                     tracing::error!(
                         ?problems,
                         repaired,

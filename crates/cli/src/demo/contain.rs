@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, ensure};
 
-use super::fs::{Mounted, kintsugi, status, write_synced};
+use super::fs::{kintsugi, mount_smfs, status, write_synced};
 
 fn n(s: &serde_json::Value, k: &str) -> u64 {
     s[k].as_u64().unwrap_or(0)
@@ -19,22 +19,7 @@ fn n(s: &serde_json::Value, k: &str) -> u64 {
 /// Runs the rung (well under a second) and narrates through `say`.
 pub fn run(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     say("== contain: a fault stays in the request context it happened in ==");
-    let dir = std::env::temp_dir().join(format!("kintsugi-demo-contain-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mp = dir.to_string_lossy().into_owned();
-    kintsugi(&[
-        "mount",
-        "--module",
-        "smfs",
-        "--level",
-        "4",
-        "--size",
-        "64M",
-        "--contexts",
-        "4",
-        &mp,
-    ])?;
-    let m = Mounted(dir.clone());
+    let (dir, mp, m) = mount_smfs("contain", &["--contexts", "4"])?;
     let s = status(&mp)?;
     say(&format!(
         "mounted SMFS at level 4 on {mp}: {} module contexts, recovery '{}'",
@@ -83,7 +68,7 @@ pub fn run(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     let s2 = status(&mp)?;
     ensure!(n(&s2, "escalations") == 1, "no escalation: {s2}");
     say(&format!(
-        "a SIGSEGV after a global write (flag set) → escalated: {} undo entries rolled back, all contexts restarted, the write retried and acknowledged",
+        "a SIGSEGV after a global write (flag set) → escalated: {} undo entries rolled back, the module restarted (idle contexts are replaced before their next request), the write retried and acknowledged",
         n(&s2, "rolled_back_entries") - n(&s, "rolled_back_entries")
     ));
     let fsck = kintsugi(&["fsck", &mp])?;

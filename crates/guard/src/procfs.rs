@@ -578,7 +578,9 @@ mod tests {
         assert!(umask <= 0o777 && threads >= 1);
         let mm = mm_layout(me).unwrap();
         let (pgrp, sid, sig) = tree_fields(me).unwrap();
-        assert!(pgrp > 0 && sid > 0);
+        // 0 is a real answer: a process whose group or session leader lives outside its pid
+        // namespace reads 0 there (CI runs the tests that way), so only negatives are wrong.
+        assert!(pgrp >= 0 && sid >= 0, "pgrp {pgrp} sid {sid}");
         assert_eq!(sig, libc::SIGCHLD, "started by fork/exec");
         assert!(matches!(run_state(me).unwrap().0, 'R' | 'S'));
         let lim = rlimits(me).unwrap();

@@ -10,7 +10,8 @@
 //!
 //! One module source serves every protection level: the host picks the [`Pm`] implementation
 //! (direct calls at level 5, an undo-logging manager in a separate process at level 4, and the
-//! checked/mprotected ones of levels 1–3 later). Nothing here is `cfg`-switched per level.
+//! checked and memory-protected ones of levels 1–3, which also check every write-back against
+//! the module's [`Layout`]s). Nothing here is `cfg`-switched per level.
 #![forbid(unsafe_code)]
 
 pub mod mem;
@@ -242,6 +243,80 @@ pub trait Pm {
     fn site(&mut self, _id: u32) -> bool {
         false
     }
+    /// GetNextBlk for a block that will hold `ty` records (see [`Layout`]). At levels 1–3 the
+    /// protection manager checks every write-back to a typed block against the module's layout
+    /// for that type; the default (levels 4–5, unit tests) is a plain [`Pm::get_next_blk`].
+    fn get_next_blk_typed(&mut self, ty: BlockType) -> FsResult<BlockNo> {
+        let _ = ty;
+        self.get_next_blk()
+    }
+}
+
+/// What a block of host data holds, declared by the module when it allocates the block
+/// ([`Pm::get_next_blk_typed`]). [`BlockType::DATA`] (file contents) is never checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlockType(pub u8);
+
+impl BlockType {
+    /// File contents: opaque to the protection manager.
+    pub const DATA: BlockType = BlockType(0);
+}
+
+/// One rule the protection manager enforces on a record of host data before writing it back
+/// (duplication + semantic checks, levels 1–3). Integers are little-endian, unsigned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// The integer of `width` bytes at `off` lies in `min..=max` (sizes, counts, offsets).
+    Range {
+        field: &'static str,
+        off: usize,
+        width: usize,
+        min: u64,
+        max: u64,
+    },
+    /// `integer & mask` is one of `values` (kinds, magics, versions).
+    OneOf {
+        field: &'static str,
+        off: usize,
+        width: usize,
+        mask: u64,
+        values: Vec<u64>,
+    },
+    /// `n` consecutive u64 block numbers at `off`: each is 0 (none) or an allocated block of
+    /// one of `types` inside the store, never the record's own block, no two the same, and
+    /// following them through blocks that themselves hold block references never leads back
+    /// to this block (no pointer loops).
+    BlockRefs {
+        field: &'static str,
+        off: usize,
+        n: usize,
+        types: Vec<BlockType>,
+    },
+    /// A name: its length (`len_width` bytes at `len_off`) is 1..=`max`, and that many bytes
+    /// at `name_off` contain neither NUL nor `/`.
+    Name {
+        field: &'static str,
+        len_off: usize,
+        len_width: usize,
+        name_off: usize,
+        max: usize,
+    },
+}
+
+/// How the records in blocks of one [`BlockType`] look to the protection manager: the
+/// knowledge of host data structures the paper's protection manager has of vnodes and bufs.
+/// A module hands its layouts over once per generation ([`Module::layouts`], after `attach`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub ty: BlockType,
+    /// For messages ("inode", "directory entry", …).
+    pub name: &'static str,
+    /// Bytes per record: a block is an array of `block_size / record` records.
+    pub record: usize,
+    /// `(off, width)` of the integer that says the record is in use; a record where it is 0
+    /// is free and not checked. `None`: every record is checked.
+    pub live: Option<(usize, usize)>,
+    pub checks: Vec<Check>,
 }
 
 /// The kinds of software fault a site emulates: the G-SWIFT operators (Durães and Madeira's
@@ -270,10 +345,20 @@ pub enum SiteKind {
     BitFlip,
     /// A heap pointer in the module process corrupted (done by the host with `sys`).
     PointerCorruption,
+    /// Issue 5's detection matrix, row 1: the module reads host memory shared with it (the
+    /// block store) outside protection-manager code, as a stray pointer would.
+    StrayRead,
+    /// Row 2: the module writes shared host memory outside protection-manager code.
+    StrayWrite,
+    /// Row 3: a semantically invalid update of host data (a record breaking its layout's
+    /// rules) written through the protection manager. The module's faulty variant does it.
+    BadUpdate,
+    /// Row 4: the module touches host ("kernel") data that is never shared with it.
+    HostAccess,
 }
 
 impl SiteKind {
-    /// Every kind, in report order.
+    /// Every campaign kind (issue 6), in report order; the matrix rows are [`SiteKind::MATRIX`].
     pub const ALL: [SiteKind; 11] = [
         SiteKind::MissingCall,
         SiteKind::MissingInit,
@@ -286,6 +371,13 @@ impl SiteKind {
         SiteKind::WrongBranch,
         SiteKind::BitFlip,
         SiteKind::PointerCorruption,
+    ];
+    /// The detection-matrix rows, in the paper's Table 5 order.
+    pub const MATRIX: [SiteKind; 4] = [
+        SiteKind::StrayRead,
+        SiteKind::StrayWrite,
+        SiteKind::BadUpdate,
+        SiteKind::HostAccess,
     ];
     /// Short name used in reports and on the command line.
     pub fn name(self) -> &'static str {
@@ -301,11 +393,32 @@ impl SiteKind {
             SiteKind::WrongBranch => "wrong-branch",
             SiteKind::BitFlip => "bit-flip",
             SiteKind::PointerCorruption => "pointer-corruption",
+            SiteKind::StrayRead => "stray-read-shared",
+            SiteKind::StrayWrite => "stray-write-shared",
+            SiteKind::BadUpdate => "invalid-update",
+            SiteKind::HostAccess => "host-data-access",
         }
     }
-    /// Raw memory faults are carried out by the host, not by a faulty code variant.
+    /// Raw memory faults and stray accesses are carried out by the host's code at the site
+    /// (in the module's process, with the module's protection state), not by a faulty code
+    /// variant of the module.
     pub fn is_memory(self) -> bool {
-        matches!(self, SiteKind::BitFlip | SiteKind::PointerCorruption)
+        matches!(
+            self,
+            SiteKind::BitFlip
+                | SiteKind::PointerCorruption
+                | SiteKind::StrayRead
+                | SiteKind::StrayWrite
+                | SiteKind::HostAccess
+        )
+    }
+    /// The error rows of issue 5's detection matrix (paper 001, Table 5), not part of issue
+    /// 6's injection campaign.
+    pub fn is_matrix_row(self) -> bool {
+        matches!(
+            self,
+            SiteKind::StrayRead | SiteKind::StrayWrite | SiteKind::BadUpdate | SiteKind::HostAccess
+        )
     }
 }
 
@@ -444,5 +557,11 @@ pub trait Module: Send {
     /// (empty = clean). Runs with no other request in flight.
     fn fsck(&mut self, _pm: &mut dyn Pm) -> FsResult<Vec<FsckProblem>> {
         Ok(Vec::new())
+    }
+    /// The layouts of this module's typed blocks (levels 1–3 check write-backs against them).
+    /// Called after `attach`, so they may depend on the geometry. Default: none (nothing
+    /// typed is checked).
+    fn layouts(&self) -> Vec<Layout> {
+        Vec::new()
     }
 }

@@ -334,4 +334,9 @@ pub static SITES: &[Site] = &[
         PointerCorruption,
         "fsync: module memory holding the inode (PointerCorruption)",
     ),
+    site(
+        69,
+        MissingIf,
+        "Locks::lock/lock_all: the lock-order check and the sort are left out; locks are taken in argument order (link: file then directory; lookup: directory then file), so requests can deadlock (MissingIf)",
+    ),
 ];

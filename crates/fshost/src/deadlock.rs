@@ -64,6 +64,9 @@ pub struct DeadlockStats {
     pub last_break_us: AtomicU64,
     /// Checker rounds run.
     pub checks: AtomicU64,
+    /// Sums of the two latencies over every cycle (for the means in status).
+    pub sum_detect_us: AtomicU64,
+    pub sum_break_us: AtomicU64,
 }
 
 impl DeadlockStats {
@@ -76,6 +79,9 @@ impl DeadlockStats {
         j["last_deadlock_detect_us"] = l(&self.last_detect_us).into();
         j["last_deadlock_break_us"] = l(&self.last_break_us).into();
         j["deadlock_checks"] = l(&self.checks).into();
+        let mean = |sum: &AtomicU64, n: &AtomicU64| l(sum).checked_div(l(n)).unwrap_or(0);
+        j["mean_deadlock_detect_us"] = mean(&self.sum_detect_us, &self.detected).into();
+        j["mean_deadlock_break_us"] = mean(&self.sum_break_us, &self.broken).into();
     }
 }
 
@@ -226,8 +232,9 @@ impl Detector {
         let d = &s.stats.deadlock;
         d.broken.fetch_add(1, Ordering::Relaxed);
         if at != 0 {
-            d.last_break_us
-                .store(now_us().saturating_sub(at), Ordering::Relaxed);
+            let us = now_us().saturating_sub(at);
+            d.last_break_us.store(us, Ordering::Relaxed);
+            d.sum_break_us.fetch_add(us, Ordering::Relaxed);
         }
         if waited != 0 {
             let t = Instant::now();
@@ -340,6 +347,8 @@ fn check(s: &Shared) {
         d.detected.fetch_add(1, Ordering::Relaxed);
         d.last_detect_us
             .store(now.saturating_sub(formed), Ordering::Relaxed);
+        d.sum_detect_us
+            .fetch_add(now.saturating_sub(formed), Ordering::Relaxed);
         tracing::info!(cycle = ?c, victim, "deadlock: breaking the cycle by rolling back the youngest request");
         s.victim_slot[victim].store(waited, Ordering::Release);
         s.victim_at[victim].store(now.max(1), Ordering::Release);
@@ -403,8 +412,8 @@ mod tests {
                     prop_assert_eq!(g[v], Some(c[(k + 1) % c.len()]), "not an edge");
                 }
             }
-            for v in 0..g.len() {
-                prop_assert_eq!(seen[v], usize::from(on_cycle(&g, v)), "node {}", v);
+            for (v, &times) in seen.iter().enumerate() {
+                prop_assert_eq!(times, usize::from(on_cycle(&g, v)), "node {}", v);
             }
         }
     }

@@ -477,7 +477,7 @@ impl Pm for HostPm<'_> {
                 None if since.elapsed() > LOCK_LAST_RESORT => return Err(DEADLOCK_VICTIM),
                 None => std::thread::sleep(nap),
             }
-            nap = (nap * 2).min(Duration::from_millis(1));
+            nap = (nap * 2).min(Duration::from_micros(200));
         }
     }
     fn unlock(&mut self, l: LockId) -> FsResult<()> {

@@ -200,8 +200,12 @@ impl Detector {
 
     /// The request in context `slot` is over.
     pub fn end(&self, slot: usize) {
-        self.shared.started[slot].store(0, Ordering::Release);
-        self.shared.ring.end_lock_wait(slot);
+        let s = &self.shared;
+        s.started[slot].store(0, Ordering::Release);
+        s.ring.end_lock_wait(slot);
+        // A victim whose context died before it saw the verdict: nothing left to break.
+        s.victim_at[slot].store(0, Ordering::Release);
+        s.victim_slot[slot].store(0, Ordering::Release);
     }
 
     /// After an attempt of context `slot`'s request answered: `true` if the checker had made it

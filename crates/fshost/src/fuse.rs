@@ -75,6 +75,10 @@ pub struct HostFs {
     generation_seen: std::sync::atomic::AtomicU32,
     /// The last fsck's problems (`None`: never run).
     last_fsck: Mutex<Option<Vec<String>>>,
+    /// The status text produced by the last read at offset 0: a read of the rest is served
+    /// from it, so a reader never splices two different versions (counters change between
+    /// the reads and the text's length with them).
+    status_snap: Mutex<Vec<u8>>,
 }
 
 fn ts_to_system(t: Timespec) -> SystemTime {
@@ -169,6 +173,7 @@ impl HostFs {
             inflight: None,
             generation_seen: std::sync::atomic::AtomicU32::new(0),
             last_fsck: Mutex::new(None),
+            status_snap: Mutex::new(Vec::new()),
         }
     }
 
@@ -656,7 +661,11 @@ impl Filesystem for HostFs {
         reply: ReplyData,
     ) {
         if ino.0 == STATUS_INO {
-            let v = self.status();
+            let mut snap = self.status_snap.lock().unwrap_or_else(|p| p.into_inner());
+            if offset == 0 {
+                *snap = self.status();
+            }
+            let v = &*snap;
             let start = (offset as usize).min(v.len());
             let end = (start + size as usize).min(v.len());
             return reply.data(&v[start..end]);

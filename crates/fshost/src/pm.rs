@@ -291,6 +291,9 @@ impl<'a> HostPm<'a> {
     /// Lets the deadlock checker see this request's lock waits and interrupt them (level 4:
     /// context `slot` of `ring`).
     pub fn with_lock_waits(mut self, ring: &'a crate::ring::Ring, slot: usize) -> HostPm<'a> {
+        // A new attempt waits for nothing yet: words left by an attempt that died while waiting
+        // must not put this one into a cycle it is not in.
+        ring.end_lock_wait(slot);
         self.waits = Some((ring, slot));
         self
     }

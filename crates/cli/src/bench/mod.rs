@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+pub mod deadlock;
 pub mod fs;
 pub mod guard;
 pub mod inject;
@@ -13,6 +14,8 @@ pub mod watch;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
+    /// Deadlock detection at level 4: detection latency per checker interval, checker cost.
+    Deadlock(deadlock::Args),
     /// File-system modules: copy64k and compile on tmpfs, plain fuser, SMFS at levels 5 and 4.
     Fs(fs::Args),
     /// Fault-injection campaign: compiled-in fault sites fired under a multi-client workload,
@@ -30,6 +33,7 @@ pub enum Bench {
 
 pub fn run(b: Bench) -> anyhow::Result<ExitCode> {
     match b {
+        Bench::Deadlock(a) => deadlock::run(a),
         Bench::Fs(a) => fs::run(a),
         Bench::Guard(a) => guard::run(a),
         Bench::Inject(a) => inject::run(a),

@@ -248,8 +248,9 @@ fn serve_inner(
     let stats = Arc::new(Stats::default());
     // Level 4 forks the module supervisor here, while this process still has one thread.
     let backend = match opts.level {
-        Level::L5 => Backend::direct(module, store),
-        Level::L4 => Backend::remote(
+        Level::L5 => Backend::direct(module, store)?,
+        level => Backend::remote(
+            level,
             module,
             store,
             opts.deadline,
@@ -270,11 +271,11 @@ fn serve_inner(
             fs.supervise_level5(w.clone());
             Some(w)
         }
-        Level::L4 => None,
+        _ => None,
     };
     let threads = match opts.level {
-        Level::L4 => opts.contexts.contexts.clamp(1, crate::ring::MAX_SLOTS),
         Level::L5 => 1,
+        _ => opts.contexts.contexts.clamp(1, crate::ring::MAX_SLOTS),
     };
     unmount_on_signals(mp, set);
     let session = fuser::Session::new(fs, mp, &fuse_config(&name, threads))

@@ -201,6 +201,33 @@ pub fn check_record(
                     }
                 }
             }
+            Check::RecordRef {
+                field,
+                off,
+                width,
+                first_block,
+                per_block,
+                record,
+                live,
+            } => {
+                let k = int(rec, *off, *width)
+                    .ok_or_else(|| format!("{}: field {field} lies outside the record", at()))?;
+                if k == 0 || *per_block == 0 {
+                    continue;
+                }
+                let b = first_block + (k - 1) / per_block;
+                let o = ((k - 1) % per_block) as usize * record;
+                let img = view
+                    .image(b)
+                    .ok_or_else(|| format!("{}: {field} = {k} lies outside the store", at()))?;
+                let l = img.get(o..o + record).and_then(|r| int(r, live.0, live.1));
+                if l.unwrap_or(0) == 0 {
+                    return Err(format!(
+                        "{}: {field} = {k} names a record that is not in use",
+                        at()
+                    ));
+                }
+            }
             Check::Name {
                 field,
                 len_off,
@@ -428,6 +455,39 @@ mod tests {
         for bad in [&b"a/b"[..], b"..", b"x\0y", b""] {
             assert!(check_block(&l, &v, 2, DIR.0, &entry(bad), &[(0, 16)]).is_err());
         }
+    }
+
+    #[test]
+    fn a_record_reference_must_name_a_live_record() {
+        let mut l = layouts();
+        let mut v = view();
+        // Block 1 holds inode records of 32 bytes; #1 live, #2 free.
+        let mut itable = inode(0x81a4, 1, [0, 0, 0]);
+        itable.extend(inode(0, 0, [0, 0, 0]));
+        v.imgs.insert(1, itable);
+        l.by_type[usize::from(DIR.0)] = Some(Layout {
+            ty: DIR,
+            name: "entry",
+            record: 16,
+            live: Some((0, 4)),
+            checks: vec![Check::RecordRef {
+                field: "ino",
+                off: 0,
+                width: 4,
+                first_block: 1,
+                per_block: 2,
+                record: 32,
+                live: (0, 4),
+            }],
+        });
+        let entry = |ino: u32| {
+            let mut r = vec![0u8; 16];
+            r[0..4].copy_from_slice(&ino.to_le_bytes());
+            r
+        };
+        assert_eq!(check_block(&l, &v, 2, DIR.0, &entry(1), &[(0, 4)]), Ok(()));
+        let e = check_block(&l, &v, 2, DIR.0, &entry(2), &[(0, 4)]).unwrap_err();
+        assert!(e.contains("not in use"), "{e}");
     }
 
     #[test]

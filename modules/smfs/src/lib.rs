@@ -1854,6 +1854,15 @@ impl Module for Smfs {
                         min: 1,
                         max: g.ninodes,
                     },
+                    Check::RecordRef {
+                        field: "ino",
+                        off: 0,
+                        width: 8,
+                        first_block: 1,
+                        per_block: (g.bs / INODE_SIZE) as u64,
+                        record: INODE_SIZE,
+                        live: (0, 4),
+                    },
                     Check::Range {
                         field: "kind",
                         off: 8,

@@ -137,10 +137,18 @@ pub struct Stats {
     pub host_violations: AtomicU64,
     /// The last module error the host detected, in words (address, what it hit, the rule).
     pub last_error: Mutex<String>,
+    /// Deadlock detection and breaking (`deadlock.rs`).
+    pub deadlock: crate::deadlock::DeadlockStats,
 }
 
 impl Stats {
     pub fn json(&self, level: Level, module: &str) -> serde_json::Value {
+        let mut j = self.json_base(level, module);
+        self.deadlock.add_json(&mut j);
+        j
+    }
+
+    fn json_base(&self, level: Level, module: &str) -> serde_json::Value {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         serde_json::json!({
             "host_pid": sys::Pid::this().as_raw(),
@@ -243,6 +251,8 @@ pub struct ContextOpts {
     /// error: the last one escalates.
     pub repeat_limit: usize,
     pub repeat_window: Duration,
+    /// Deadlock checker period (`deadlock.rs`); zero turns detection off.
+    pub deadlock_interval: Duration,
 }
 
 impl Default for ContextOpts {
@@ -253,6 +263,7 @@ impl Default for ContextOpts {
             on_local_error: OnLocalError::Eio,
             repeat_limit: 3,
             repeat_window: Duration::from_secs(10),
+            deadlock_interval: crate::deadlock::DEFAULT_INTERVAL,
         }
     }
 }
@@ -284,6 +295,8 @@ pub struct Remote {
     stale: Vec<AtomicBool>,
     /// Recent local errors per data key (containment's repeated-error rule).
     history: Mutex<HashMap<u64, VecDeque<Instant>>>,
+    /// The deadlock checker and its per-context state.
+    deadlock: crate::deadlock::Detector,
     /// Keep the supervisors (and thus the module processes) alive; dropping them kills them.
     _supervisors: Vec<std::thread::JoinHandle<()>>,
 }
@@ -373,6 +386,13 @@ impl Backend {
         stats
             .worker_pid
             .store(workers[0].load(Ordering::Acquire), Ordering::Release);
+        let deadlock = crate::deadlock::Detector::start(
+            ring.clone(),
+            store.clone(),
+            stats.clone(),
+            opts.deadlock_interval,
+        )
+        .map_err(|e| crate::HostError::ModuleStart(format!("deadlock checker: {e}")))?;
         Ok(Backend::Remote(
             Box::new(Remote {
                 level,
@@ -390,6 +410,7 @@ impl Backend {
                 abort: (0..n).map(|_| AtomicU8::new(ABORT_NONE)).collect(),
                 stale: (0..n).map(|_| AtomicBool::new(false)).collect(),
                 history: Mutex::new(HashMap::new()),
+                deadlock,
                 _supervisors: sups,
             }),
             store,
@@ -458,6 +479,17 @@ impl Backend {
                 d.sites.site().3.load(Ordering::SeqCst)
             }
             Backend::Remote(r, ..) => r.ring.site().3.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Level 4: the deadlock checker's period and the lock waits now, for status.
+    pub fn deadlock_status(&self) -> Option<serde_json::Value> {
+        match self {
+            Backend::Direct(..) => None,
+            Backend::Remote(r, ..) => Some(serde_json::json!({
+                "interval_ms": r.deadlock.interval().as_millis() as u64,
+                "lock_waits": r.deadlock.waits_json(),
+            })),
         }
     }
 
@@ -719,7 +751,9 @@ fn call_remote(
         r.abort[slot].store(ABORT_COLLATERAL, Ordering::Release);
         r.kill_context(slot);
     }
+    r.deadlock.begin(slot);
     let reply = run_in_context(r, store, page, slot, &req, fault, stats);
+    r.deadlock.end(slot);
     r.clients[slot].store(0, Ordering::Release);
     r.abort[slot].store(ABORT_NONE, Ordering::Release);
     r.release(slot);
@@ -748,6 +782,7 @@ fn run_in_context(
     let mut failed_at: Option<Instant> = None;
     let mut retried = false;
     let mut collateral = 0;
+    let mut reexecutions = 0;
     loop {
         if stats.gave_up.load(Ordering::Acquire) {
             stats.eio.fetch_add(1, Ordering::Relaxed);
@@ -765,6 +800,20 @@ fn run_in_context(
         let fail = match outcome {
             Ok(out) => {
                 let reply = bincode::deserialize::<Reply>(&out).unwrap_or(Reply::Err(Errno::EIO));
+                // Deadlock victim (deadlock.rs): roll back, which takes its locks away, wait
+                // until the cycle has drained, run again. Not a module failure.
+                let dl_err = reply == Reply::Err(crate::pm::DEADLOCK_VICTIM);
+                if r.deadlock.was_victim(slot, dl_err) {
+                    let n = log.rollback(store, owner);
+                    stats
+                        .rolled_back_entries
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    reexecutions += 1;
+                    if r.deadlock.victim_rolled_back(slot, reexecutions) {
+                        continue;
+                    }
+                    return Reply::Err(crate::pm::DEADLOCK_VICTIM);
+                }
                 match reply {
                     Reply::Err(Errno::EUCLEAN) => Fail::Check,
                     Reply::Err(_) => {
@@ -1069,7 +1118,8 @@ fn context_main(
                             sites,
                             client_pid: req.ctx.pid,
                             probes,
-                        });
+                        })
+                        .with_lock_waits(ring, i);
                         if level.duplication() && !mkfs {
                             pm = pm.with_duplication(&layouts);
                         }

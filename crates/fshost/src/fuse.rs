@@ -370,6 +370,9 @@ impl HostFs {
             j["contexts"] = c.contexts.into();
             j["recovery"] = c.recovery.name().into();
         }
+        if let Some(d) = self.backend.deadlock_status() {
+            j["deadlock"] = d;
+        }
         j["site_hits"] = self.backend.site_hits().into();
         if let Some(p) = &*self.last_fsck.lock().unwrap_or_else(|p| p.into_inner()) {
             j["fsck"] = serde_json::json!({ "clean": p.is_empty(), "problems": p });

@@ -18,6 +18,7 @@
 pub mod backend;
 pub mod bench;
 pub mod check;
+pub mod deadlock;
 pub mod fuse;
 pub mod l5;
 pub mod mount;

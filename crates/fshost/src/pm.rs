@@ -330,6 +330,9 @@ pub struct HostPm<'a> {
     dup: Option<(&'a Layouts, BTreeMap<u64, Patch>)>,
     /// The context's global-write flag (containment): set when write-back starts.
     gflag: Option<&'a AtomicU32>,
+    /// Where `lock` publishes its waits and finds its victim flag: the ring and this context's
+    /// slot (level 4). Without it a wait only ends with the lock or the last-resort timeout.
+    waits: Option<(&'a crate::ring::Ring, usize)>,
 }
 
 /// Where the armed fault site lives: the ring header at levels 1–4 (every context sees it),
@@ -380,6 +383,16 @@ pub struct Probes {
     pub host: usize,
 }
 
+/// What `lock` answers a request that must give up its wait: the host's deadlock checker
+/// chose it as the victim of a cycle (or, without a checker, the last-resort timeout passed).
+/// The module propagates it like any error; the host tells the two cases apart by its own
+/// victim flag, not by this value.
+pub const DEADLOCK_VICTIM: Errno = Errno(libc::EDEADLK);
+
+/// A lock wait longer than this gives up even if no checker broke it (detection off, or a
+/// holder outside the contexts): generous, so that only a real stall reaches it.
+pub const LOCK_LAST_RESORT: Duration = Duration::from_secs(30);
+
 /// What the protection manager needs to answer [`Pm::site`]: the armed site lives in the
 /// ring header (the host arms it; every context sees it), the kinds in the module's table.
 #[derive(Debug, Clone, Copy)]
@@ -411,6 +424,7 @@ impl<'a> HostPm<'a> {
             access: Access::Mapped,
             dup: None,
             gflag: None,
+            waits: None,
         }
     }
 
@@ -506,6 +520,13 @@ impl<'a> HostPm<'a> {
             }
         }
         Ok(patches.len())
+    }
+
+    /// Lets the deadlock checker see this request's lock waits and interrupt them (level 4:
+    /// context `slot` of `ring`).
+    pub fn with_lock_waits(mut self, ring: &'a crate::ring::Ring, slot: usize) -> HostPm<'a> {
+        self.waits = Some((ring, slot));
+        self
     }
 
     /// Lets fault sites fire (issue 6's campaign).
@@ -658,22 +679,52 @@ impl Pm for HostPm<'_> {
     fn lock(&mut self, l: LockId) -> FsResult<()> {
         self.checkpoint();
         let slot = Store::lock_slot(l.0);
-        let started = std::time::Instant::now();
+        let mut started: Option<std::time::Instant> = None;
+        let mut nap = Duration::from_micros(20);
         loop {
-            match self.store.try_lock(slot, self.owner) {
-                Some(first) => {
-                    if first {
-                        // Recorded so the log shows what the request held; rollback releases
-                        // all of the owner's locks.
-                        self.log(K_LOCK, l.0, 0, &[])?;
-                    }
-                    return Ok(());
+            if let Some(first) = self.store.try_lock(slot, self.owner) {
+                if started.is_some()
+                    && let Some((ring, i)) = self.waits
+                {
+                    ring.set_lock_wait(i, None);
                 }
-                None if started.elapsed() > Duration::from_secs(30) => {
-                    return Err(Errno(libc::EDEADLK));
+                if first {
+                    // Recorded so the log shows what the request held; rollback releases
+                    // all of the owner's locks.
+                    self.log(K_LOCK, l.0, 0, &[])?;
                 }
-                None => std::thread::sleep(Duration::from_micros(50)),
+                return Ok(());
             }
+            let since = *started.get_or_insert_with(|| {
+                // Published once per wait: the host's deadlock checker (`deadlock.rs`) pairs
+                // it with the lock table's holder to build the wait-for graph.
+                if let Some((ring, i)) = self.waits {
+                    ring.set_lock_wait(i, Some(slot));
+                }
+                std::time::Instant::now()
+            });
+            match self.waits {
+                Some((ring, i)) => {
+                    let victim = ring.victim_word(i);
+                    if victim.load(Ordering::SeqCst) != 0 {
+                        // The checker chose this request to break a cycle. Give up with the
+                        // distinguished error; the host (which knows it chose us) rolls the
+                        // request back, which takes our locks away, and runs it again.
+                        ring.set_lock_wait(i, None);
+                        return Err(DEADLOCK_VICTIM);
+                    }
+                    if since.elapsed() > LOCK_LAST_RESORT {
+                        ring.set_lock_wait(i, None);
+                        return Err(DEADLOCK_VICTIM);
+                    }
+                    // Sleep on the victim flag, so the checker's verdict wakes us at once;
+                    // the lock's release has no wake-up, hence the short, growing naps.
+                    let _ = sys::fs_ring::futex_wait(victim, 0, Some(nap));
+                }
+                None if since.elapsed() > LOCK_LAST_RESORT => return Err(DEADLOCK_VICTIM),
+                None => std::thread::sleep(nap),
+            }
+            nap = (nap * 2).min(Duration::from_millis(1));
         }
     }
     fn unlock(&mut self, l: LockId) -> FsResult<()> {

@@ -70,6 +70,17 @@ const S_REJECT: usize = 72;
 const S_VIOLATION: usize = 128;
 const VIOLATION_MAX: usize = 256;
 
+/// Deadlock detection words (`deadlock.rs`), well after the words above: the lock-table slot
+/// the context waits for, plus one (0: not waiting), written by the context in
+/// [`crate::pm::HostPm`]'s `lock` and cleared by the host when the request ends; a sequence
+/// number bumped by every new wait (so the checker can tell one long wait from two short
+/// ones); the victim flag (set by the checker, the waiting context sleeps on it); and when the
+/// wait began (µs, CLOCK_MONOTONIC, which every process of the host shares).
+const S_DL_WAIT: usize = 256;
+const S_DL_SEQ: usize = 260;
+const S_DL_VICTIM: usize = 264;
+const S_DL_SINCE: usize = 272;
+
 /// How long to poll before sleeping on the futex. Polling yields the CPU each round: on this
 /// 2-core machine the client, the host and the module all want a core per request, and a
 /// pure spin starves whichever of them is runnable on the same core.
@@ -297,6 +308,53 @@ impl Ring {
                 let _ = futex_wake(st, u32::MAX);
             }
         }
+    }
+
+    /// Context side: context `i` now waits for lock-table slot `slot` (`None`: it stopped
+    /// waiting, with or without the lock).
+    pub fn set_lock_wait(&self, i: usize, slot: Option<usize>) {
+        match slot {
+            Some(s) => {
+                self.region
+                    .atomic_u64(Self::slot_off(i) + S_DL_SINCE)
+                    .store(sys::clock::monotonic_ns() / 1000, Ordering::Release);
+                self.word(i, S_DL_SEQ).fetch_add(1, Ordering::AcqRel);
+                self.word(i, S_DL_WAIT)
+                    .store(s as u32 + 1, Ordering::SeqCst);
+            }
+            None => self.word(i, S_DL_WAIT).store(0, Ordering::SeqCst),
+        }
+    }
+
+    /// Host side: the lock-table slot context `i` waits for, the wait's sequence number and
+    /// when it began (µs, monotonic).
+    pub fn lock_wait(&self, i: usize) -> Option<(usize, u32, u64)> {
+        let w = self.word(i, S_DL_WAIT).load(Ordering::SeqCst);
+        let seq = self.word(i, S_DL_SEQ).load(Ordering::SeqCst);
+        let since = self
+            .region
+            .atomic_u64(Self::slot_off(i) + S_DL_SINCE)
+            .load(Ordering::Acquire);
+        (w != 0).then(|| ((w - 1) as usize, seq, since))
+    }
+
+    /// Context `i`'s victim flag: the checker sets it (and wakes the context) to make the
+    /// context's `lock` give up; the context sleeps on it between lock attempts.
+    pub fn victim_word(&self, i: usize) -> &AtomicU32 {
+        self.word(i, S_DL_VICTIM)
+    }
+
+    /// Host side: tells context `i` to give up its lock wait.
+    pub fn make_victim(&self, i: usize) {
+        self.word(i, S_DL_VICTIM).store(1, Ordering::SeqCst);
+        let _ = futex_wake(self.word(i, S_DL_VICTIM), u32::MAX);
+    }
+
+    /// Host side, at the end of each attempt of a request: clears context `i`'s wait and
+    /// victim words; returns whether it had been made a victim.
+    pub fn end_lock_wait(&self, i: usize) -> bool {
+        self.word(i, S_DL_WAIT).store(0, Ordering::SeqCst);
+        self.word(i, S_DL_VICTIM).swap(0, Ordering::SeqCst) != 0
     }
 
     /// Context `i`'s protection ranges in this process: its own local data stays writable;

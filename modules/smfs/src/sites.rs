@@ -355,4 +355,9 @@ pub static SITES: &[Site] = &[
         HostAccess,
         "write: an access to host-private data (the host's own page)",
     ),
+    site(
+        69,
+        MissingIf,
+        "Locks::lock/lock_all: the lock-order check and the sort are left out; locks are taken in argument order (link: file then directory; lookup: directory then file), so requests can deadlock (MissingIf)",
+    ),
 ];

@@ -45,6 +45,11 @@ pub struct Args {
     /// kill-client also kills the client process (its process group if it has its own).
     #[arg(long, default_value = "eio", value_parser = ["eio", "kill-client"])]
     pub on_local_error: String,
+    /// Level 4: deadlock checker period in ms (0: off). Every period the host builds the
+    /// wait-for graph between contexts; a cycle is broken by rolling back its youngest request
+    /// (its locks are taken away) and running that request again, invisibly to the client.
+    #[arg(long, default_value_t = 50)]
+    pub deadlock_interval_ms: u64,
     /// Daemon log file (default: discard).
     #[arg(long)]
     pub log: Option<PathBuf>,
@@ -102,6 +107,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             } else {
                 fshost::OnLocalError::Eio
             },
+            deadlock_interval: Duration::from_millis(a.deadlock_interval_ms),
             ..fshost::ContextOpts::default()
         },
         log: a.log,

@@ -292,6 +292,19 @@ pub enum Check {
         n: usize,
         types: Vec<BlockType>,
     },
+    /// A reference to another record (a directory entry's node number): the integer at `off`
+    /// is 0 or names a record that is in use. Record `k` (numbered from 1) is the
+    /// `(k - 1) % per_block`-th `record`-byte record of block `first_block + (k - 1) /
+    /// per_block`; in use means its `live` integer is non-zero.
+    RecordRef {
+        field: &'static str,
+        off: usize,
+        width: usize,
+        first_block: u64,
+        per_block: u64,
+        record: usize,
+        live: (usize, usize),
+    },
     /// A name: its length (`len_width` bytes at `len_off`) is 1..=`max`, and that many bytes
     /// at `name_off` contain neither NUL nor `/`.
     Name {

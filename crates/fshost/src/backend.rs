@@ -18,14 +18,26 @@ use std::time::{Duration, Instant};
 
 use fsapi::{Errno, Module};
 
-use crate::pm::{Fault, HostPm, SiteCtx};
+use crate::check::Layouts;
+use crate::pm::{Access, Fault, HostPm, LocalSites, Probes, SiteCtx, WriteBackError};
 use crate::ring::{Failure, Ring};
 use crate::store::{Owner, Store};
 use crate::wire::{Op, Reply, Request, execute};
 
-/// Protection level.
+/// Protection level (paper 001, Table 4): which techniques protect the host from the module.
+///
+/// | technique | L1 | L2 | L3 | L4 | L5 |
+/// |---|---|---|---|---|---|
+/// | shared-memory protection outside protection-manager code | unmapped | read-only | – | – | – |
+/// | duplication + semantic checks | ✓ | ✓ | ✓ | – | – |
+/// | separate address space (module contexts) | ✓ | ✓ | ✓ | ✓ | – |
+/// | undo log | ✓ | ✓ | ✓ | ✓ | – |
+/// | deadlock detection | ✓ | ✓ | ✓ | ✓ | – |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Level {
+    L1,
+    L2,
+    L3,
     L4,
     L5,
 }
@@ -33,22 +45,57 @@ pub enum Level {
 impl Level {
     pub fn number(self) -> u8 {
         match self {
+            Level::L1 => 1,
+            Level::L2 => 2,
+            Level::L3 => 3,
             Level::L4 => 4,
             Level::L5 => 5,
         }
     }
-    /// Parses 4 or 5; other levels are named as not built yet.
+    /// Parses 1 to 5.
     pub fn from_number(n: u8) -> Result<Level, String> {
         match n {
+            1 => Ok(Level::L1),
+            2 => Ok(Level::L2),
+            3 => Ok(Level::L3),
             4 => Ok(Level::L4),
             5 => Ok(Level::L5),
-            1..=3 => Err(format!(
-                "protection level {n} is not available yet (levels 1-3 come with issue 5); use 4 or 5"
-            )),
             _ => Err(format!(
-                "protection level {n} does not exist: levels are 1 (most protected) to 5 (none); use 4 or 5"
+                "protection level {n} does not exist: levels are 1 (most protected) to 5 (none)"
             )),
         }
+    }
+    /// Levels 1–4 run the module in its own processes.
+    pub fn separate(self) -> bool {
+        self != Level::L5
+    }
+    /// Levels 1–3: the module works on copies, checked on write-back.
+    pub fn duplication(self) -> bool {
+        matches!(self, Level::L1 | Level::L2 | Level::L3)
+    }
+    /// How the module's processes may reach the shared block area.
+    pub fn access(self) -> Access {
+        match self {
+            Level::L1 => Access::Unmapped,
+            Level::L2 => Access::ReadOnly,
+            _ => Access::Mapped,
+        }
+    }
+    /// The techniques in force, for status and reports.
+    pub fn techniques(self) -> Vec<&'static str> {
+        let mut t = Vec::new();
+        match self {
+            Level::L1 => t.push("shared memory unmapped"),
+            Level::L2 => t.push("shared memory read-only"),
+            _ => {}
+        }
+        if self.duplication() {
+            t.push("duplication + checks");
+        }
+        if self.separate() {
+            t.extend(["separate address space", "undo log", "deadlock detection"]);
+        }
+        t
     }
 }
 
@@ -83,6 +130,13 @@ pub struct Stats {
     /// Contexts aborted because they served the faulting client's process group.
     pub group_aborts: AtomicU64,
     pub killed_clients: AtomicU64,
+    /// Issue 5's detections: write-backs the semantic checks rejected (levels 1–3), module
+    /// accesses to protected shared memory (levels 1–2), accesses to host-private data (1–4).
+    pub check_rejections: AtomicU64,
+    pub shm_violations: AtomicU64,
+    pub host_violations: AtomicU64,
+    /// The last module error the host detected, in words (address, what it hit, the rule).
+    pub last_error: Mutex<String>,
     /// Deadlock detection and breaking (`deadlock.rs`).
     pub deadlock: crate::deadlock::DeadlockStats,
 }
@@ -115,6 +169,11 @@ impl Stats {
             "verify_failures": l(&self.verify_failures),
             "group_aborts": l(&self.group_aborts),
             "killed_clients": l(&self.killed_clients),
+            "techniques": level.techniques(),
+            "check_rejections": l(&self.check_rejections),
+            "shm_violations": l(&self.shm_violations),
+            "host_violations": l(&self.host_violations),
+            "last_error": *self.last_error.lock().unwrap_or_else(|p| p.into_inner()),
         })
     }
 }
@@ -123,6 +182,7 @@ impl Stats {
 pub struct Direct {
     module: Box<dyn Module>,
     attached: bool,
+    sites: LocalSites,
 }
 
 impl std::fmt::Debug for Direct {
@@ -215,9 +275,10 @@ const ABORT_COLLATERAL: u8 = 1;
 /// Killed because it shares the faulting client's process group: roll back, EIO.
 const ABORT_GROUP: u8 = 2;
 
-/// Level 4 state.
+/// Levels 1–4 state.
 #[derive(Debug)]
 pub struct Remote {
+    level: Level,
     ring: Arc<Ring>,
     /// Free slots (contexts waiting for a request).
     pool: Mutex<Vec<usize>>,
@@ -240,30 +301,57 @@ pub struct Remote {
     _supervisors: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// The module, at some level.
+/// The module, at some level, and the host's private data page (what issue 5's host-access
+/// probe aims at; module processes unmap it).
 #[derive(Debug)]
 pub enum Backend {
-    Direct(Mutex<Direct>, Arc<Store>),
-    Remote(Box<Remote>, Arc<Store>),
+    Direct(Mutex<Direct>, Arc<Store>, Arc<HostPage>),
+    Remote(Box<Remote>, Arc<Store>, Arc<HostPage>),
+}
+
+/// A page of host-private ("kernel") data: the host's identity record. Never shared with the
+/// module: module processes are forked from the host, so each unmaps its copy at start, and a
+/// module that reaches for it faults, as a user process reaching for kernel memory does. At
+/// level 5 the module runs inside the host and nothing stops it.
+#[derive(Debug)]
+pub struct HostPage(sys::fault::PrivatePage);
+
+impl HostPage {
+    fn new() -> Result<Arc<HostPage>, crate::HostError> {
+        let mut rec = Vec::from(*b"kintsugi-host-data\0");
+        rec.extend_from_slice(&sys::Pid::this().as_raw().to_le_bytes());
+        sys::fault::PrivatePage::new(&rec)
+            .map(|p| Arc::new(HostPage(p)))
+            .map_err(|e| crate::HostError::ModuleStart(format!("host data page: {e}")))
+    }
+    fn addr(&self) -> usize {
+        self.0.addr()
+    }
+    fn contains(&self, a: usize) -> bool {
+        a >= self.addr() && a < self.addr() + sys::fault::PrivatePage::LEN
+    }
 }
 
 const DIRECT_OWNER: Owner = Owner(255);
 
 impl Backend {
     /// Level 5: the module runs in this process.
-    pub fn direct(module: Box<dyn Module>, store: Arc<Store>) -> Backend {
-        Backend::Direct(
+    pub fn direct(module: Box<dyn Module>, store: Arc<Store>) -> Result<Backend, crate::HostError> {
+        Ok(Backend::Direct(
             Mutex::new(Direct {
                 module,
                 attached: false,
+                sites: LocalSites::default(),
             }),
             store,
-        )
+            HostPage::new()?,
+        ))
     }
 
-    /// Level 4: rforks one supervised module process per context. Must be called while this
+    /// Levels 1–4: rforks one supervised module process per context. Must be called while this
     /// process has one thread (before the FUSE session starts), as fork requires.
     pub fn remote(
+        level: Level,
         module: Box<dyn Module>,
         store: Arc<Store>,
         deadline: Duration,
@@ -275,9 +363,18 @@ impl Backend {
         let ring = Arc::new(Ring::create(n).map_err(crate::HostError::Ring)?);
         let workers: Arc<Vec<AtomicI32>> = Arc::new((0..n).map(|_| AtomicI32::new(0)).collect());
         let module: Arc<Mutex<Box<dyn Module>>> = Arc::new(Mutex::new(module));
+        let page = HostPage::new()?;
         let mut sups = Vec::new();
         for i in 0..n {
-            let sup = spawn_context(i, module.clone(), store.clone(), ring.clone(), opts)?;
+            let sup = spawn_context(
+                i,
+                module.clone(),
+                store.clone(),
+                ring.clone(),
+                opts,
+                level,
+                page.clone(),
+            )?;
             sups.push(supervise(
                 i,
                 sup,
@@ -298,6 +395,7 @@ impl Backend {
         .map_err(|e| crate::HostError::ModuleStart(format!("deadlock checker: {e}")))?;
         Ok(Backend::Remote(
             Box::new(Remote {
+                level,
                 ring,
                 pool: Mutex::new((0..n).rev().collect()),
                 pool_cv: Condvar::new(),
@@ -316,12 +414,13 @@ impl Backend {
                 _supervisors: sups,
             }),
             store,
+            page,
         ))
     }
 
     pub fn store(&self) -> &Arc<Store> {
         match self {
-            Backend::Direct(_, s) | Backend::Remote(_, s) => s,
+            Backend::Direct(_, s, _) | Backend::Remote(_, s, _) => s,
         }
     }
 
@@ -329,8 +428,8 @@ impl Backend {
     pub fn call(&self, req: Request, fault: Option<Fault>, stats: &Stats) -> Reply {
         stats.requests.fetch_add(1, Ordering::Relaxed);
         match self {
-            Backend::Direct(d, store) => call_direct(d, store, req, fault, stats),
-            Backend::Remote(r, store) => call_remote(r, store, req, fault, stats),
+            Backend::Direct(d, store, page) => call_direct(d, store, page, req, fault, stats),
+            Backend::Remote(r, store, page) => call_remote(r, store, page, req, fault, stats),
         }
     }
 
@@ -338,7 +437,7 @@ impl Backend {
     pub fn idle_fault(&self, fault: Fault) -> Result<(), String> {
         match self {
             Backend::Direct(..) => Err("level 5 has no isolation: an idle fault would take the whole mount down; mount with --level 4, or arm it for a request with --during".into()),
-            Backend::Remote(r, _) => {
+            Backend::Remote(r, ..) => {
                 // To the context the next request will go to (the pool is LIFO), so a hang
                 // while idle is met by that request's deadline.
                 let next = r
@@ -357,10 +456,14 @@ impl Backend {
     /// Arms fault site `site` (0: disarm) for client `pid` (0: any) — issue 6's campaign.
     pub fn arm_site(&self, site: u32, pid: u32, seed: u64) -> Result<(), String> {
         match self {
-            Backend::Direct(..) => {
-                Err("fault sites fire in module contexts: mount with --level 4".into())
+            Backend::Direct(d, ..) => {
+                d.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .sites
+                    .arm(site, pid, seed);
+                Ok(())
             }
-            Backend::Remote(r, _) => {
+            Backend::Remote(r, ..) => {
                 r.ring.arm_site(site, pid, seed);
                 Ok(())
             }
@@ -370,8 +473,12 @@ impl Backend {
     /// Activations of the armed site so far.
     pub fn site_hits(&self) -> u64 {
         match self {
-            Backend::Direct(..) => 0,
-            Backend::Remote(r, _) => r.ring.site().3.load(Ordering::SeqCst),
+            Backend::Direct(d, ..) => {
+                use crate::pm::SiteWords;
+                let d = d.lock().unwrap_or_else(|p| p.into_inner());
+                d.sites.site().3.load(Ordering::SeqCst)
+            }
+            Backend::Remote(r, ..) => r.ring.site().3.load(Ordering::SeqCst),
         }
     }
 
@@ -379,7 +486,7 @@ impl Backend {
     pub fn deadlock_status(&self) -> Option<serde_json::Value> {
         match self {
             Backend::Direct(..) => None,
-            Backend::Remote(r, _) => Some(serde_json::json!({
+            Backend::Remote(r, ..) => Some(serde_json::json!({
                 "interval_ms": r.deadlock.interval().as_millis() as u64,
                 "lock_waits": r.deadlock.waits_json(),
             })),
@@ -390,7 +497,7 @@ impl Backend {
     pub fn context_opts(&self) -> Option<ContextOpts> {
         match self {
             Backend::Direct(..) => None,
-            Backend::Remote(r, _) => Some(r.opts),
+            Backend::Remote(r, ..) => Some(r.opts),
         }
     }
 
@@ -411,12 +518,12 @@ impl Backend {
             op: Op::Fsck,
         };
         match self {
-            Backend::Direct(_, store) => {
+            Backend::Direct(_, store, _) => {
                 let mut p = run(req);
                 p.extend(store.verify_header());
                 p
             }
-            Backend::Remote(r, store) => {
+            Backend::Remote(r, store, _) => {
                 // Quiesce: hold every slot but the one fsck runs in.
                 let held: Vec<usize> = (1..r.opts.contexts).map(|_| r.acquire()).collect();
                 let mut p = run(req);
@@ -435,7 +542,7 @@ impl Backend {
     /// and locks the dead process held in the shared store are released. Returns how many.
     pub fn reattach_after_restart(&self) -> usize {
         match self {
-            Backend::Direct(d, store) => {
+            Backend::Direct(d, store, _) => {
                 d.lock().unwrap_or_else(|p| p.into_inner()).attached = false;
                 store.release_all(DIRECT_OWNER)
             }
@@ -446,7 +553,7 @@ impl Backend {
     pub fn level(&self) -> Level {
         match self {
             Backend::Direct(..) => Level::L5,
-            Backend::Remote(..) => Level::L4,
+            Backend::Remote(r, ..) => r.level,
         }
     }
 }
@@ -454,13 +561,23 @@ impl Backend {
 fn call_direct(
     d: &Mutex<Direct>,
     store: &Store,
+    page: &HostPage,
     req: Request,
     fault: Option<Fault>,
     stats: &Stats,
 ) -> Reply {
     let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
     let d = &mut *d;
-    let mut pm = HostPm::new(store, None, DIRECT_OWNER, fault);
+    let sites = d.module.sites();
+    let mut pm = HostPm::new(store, None, DIRECT_OWNER, fault).with_sites(SiteCtx {
+        words: &d.sites,
+        sites,
+        client_pid: req.ctx.pid,
+        probes: Probes {
+            shared: store.block_addr(0).unwrap_or(0),
+            host: page.addr(),
+        },
+    });
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
         if !d.attached && req.op != Op::Mkfs {
             d.module.attach(&mut pm).map_err(|e| {
@@ -621,6 +738,7 @@ enum Fail {
 fn call_remote(
     r: &Remote,
     store: &Store,
+    page: &HostPage,
     req: Request,
     fault: Option<Fault>,
     stats: &Stats,
@@ -634,7 +752,7 @@ fn call_remote(
         r.kill_context(slot);
     }
     r.deadlock.begin(slot);
-    let reply = run_in_context(r, store, slot, &req, fault, stats);
+    let reply = run_in_context(r, store, page, slot, &req, fault, stats);
     r.deadlock.end(slot);
     r.clients[slot].store(0, Ordering::Release);
     r.abort[slot].store(ABORT_NONE, Ordering::Release);
@@ -645,6 +763,7 @@ fn call_remote(
 fn run_in_context(
     r: &Remote,
     store: &Store,
+    page: &HostPage,
     slot: usize,
     req: &Request,
     fault: Option<Fault>,
@@ -719,6 +838,7 @@ fn run_in_context(
             Err(f) => Fail::Ring(f),
         };
         failed_at.get_or_insert_with(Instant::now);
+        note_detection(r, page, slot, fail, stats);
         let global = r.ring.global_flag(slot);
         let illegal = r.ring.illegal_write(slot);
         let n = log.rollback(store, owner);
@@ -802,6 +922,43 @@ fn run_in_context(
     Reply::Err(Errno::EIO)
 }
 
+/// Issue 5: names what the host detected when a context failed — a rejected write-back
+/// (levels 1–3), an access to protected shared memory (levels 1–2) or to host data (1–4),
+/// with the faulting address — and counts it.
+fn note_detection(r: &Remote, page: &HostPage, slot: usize, fail: Fail, stats: &Stats) {
+    let what = match fail {
+        Fail::Check => match r.ring.violation(slot) {
+            Some(why) => {
+                stats.check_rejections.fetch_add(1, Ordering::Relaxed);
+                format!("semantic check rejected the write-back: {why}")
+            }
+            None => "the module's own check failed (EUCLEAN)".to_string(),
+        },
+        Fail::Ring(f) => {
+            let addr = r.ring.fault_addr_word(slot).load(Ordering::SeqCst) as usize;
+            if r.ring.illegal_kind(slot) == sys::wtrap::ILLEGAL_SHARED_ACCESS {
+                stats.shm_violations.fetch_add(1, Ordering::Relaxed);
+                format!(
+                    "illegal access to shared memory at {addr:#x} outside protection-manager code ({f:?})"
+                )
+            } else if addr != 0 && page.contains(addr) {
+                stats.host_violations.fetch_add(1, Ordering::Relaxed);
+                format!("illegal access to host data at {addr:#x} ({f:?})")
+            } else if addr != 0 {
+                format!("memory fault at {addr:#x} ({f:?})")
+            } else {
+                format!("{f:?}")
+            }
+        }
+    };
+    tracing::warn!(
+        slot,
+        level = r.level.number(),
+        "module error detected: {what}"
+    );
+    *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = what;
+}
+
 /// Starts context `i`'s module process under rfork (kept-image design: a parked standby is
 /// released on death, so replacing an aborted context costs no fork).
 fn spawn_context(
@@ -810,6 +967,8 @@ fn spawn_context(
     store: Arc<Store>,
     ring: Arc<Ring>,
     opts: ContextOpts,
+    level: Level,
+    page: Arc<HostPage>,
 ) -> Result<rfork::Supervised, crate::HostError> {
     let cfg = rfork::Config {
         design: rfork::Design::KeptImage,
@@ -833,36 +992,75 @@ fn spawn_context(
         // This process is a copy of the host: the module value is ours alone now.
         let mut module = module.lock().unwrap_or_else(|p| p.into_inner());
         let ring: &'static Ring = Box::leak(Box::new(ring.clone()));
-        if opts.recovery == Recovery::Contain
-            && let Err(e) = install_trap(i, &store, ring)
-        {
-            tracing::error!("context {i}: cannot write-protect global data: {e}");
+        // Host data is not the module's to see (levels 1–4: a separate address space).
+        if let Err(e) = page.0.unmap_in_child() {
+            tracing::error!("context {i}: cannot unmap host data: {e}");
             return 70;
         }
-        context_main(
-            i,
-            &mut **module,
-            &store,
-            ring,
-            opts.recovery == Recovery::Contain,
-        )
+        let contain = opts.recovery == Recovery::Contain;
+        if let Err(e) = protect_context(i, &store, ring, level, contain) {
+            tracing::error!("context {i}: cannot set up memory protection: {e}");
+            return 70;
+        }
+        context_main(i, &mut **module, &store, ring, contain, level, page.addr())
     })
     .map_err(crate::HostError::Supervisor)
 }
 
-/// Maps the store's global data read-only for this context (first writes set its flag) and
-/// every other context's local data read-only (writes to it are illegal).
-fn install_trap(i: usize, store: &Store, ring: &'static Ring) -> std::io::Result<()> {
+/// Sets up context `i`'s memory protection for `level`:
+/// - every context reports the address of a fatal fault (the host names it);
+/// - containment (`contain`): every other context's local data read-only (writes to it are
+///   illegal), and at level 4 the store's global data read-only with the first write setting
+///   the global-write flag (at levels 1–3 writes reach global data only through write-back,
+///   which sets the flag itself);
+/// - levels 1 and 2: the block area `PROT_NONE` or read-only; a module access that faults
+///   there is reported as an illegal shared-memory access.
+fn protect_context(
+    i: usize,
+    store: &Store,
+    ring: &'static Ring,
+    level: Level,
+    contain: bool,
+) -> std::io::Result<()> {
+    sys::wtrap::report_faults(ring.fault_addr_word(i))?;
+    if contain {
+        install_trap(i, store, ring, level == Level::L4)?;
+    }
+    let (off, len) = store.block_area();
+    match level.access() {
+        Access::Mapped => return Ok(()),
+        Access::ReadOnly => store.region().protect(off, len, true, false)?,
+        Access::Unmapped => store.region().protect(off, len, false, false)?,
+    }
+    let shared = sys::wtrap::Range {
+        start: store.region().addr() + off,
+        len,
+    };
+    sys::wtrap::protect_shared(&[shared], ring.trap_words(i).1)
+}
+
+/// Maps the store's global data read-only for this context (first writes set its flag; only
+/// with `globals`) and every other context's local data read-only (writes to it are illegal).
+fn install_trap(
+    i: usize,
+    store: &Store,
+    ring: &'static Ring,
+    globals: bool,
+) -> std::io::Result<()> {
     let base = store.region().addr();
     let ranges = store.protected_ranges();
-    let globals: Vec<sys::wtrap::Range> = ranges
-        .globals
-        .iter()
-        .map(|&(o, l)| sys::wtrap::Range {
-            start: base + o,
-            len: l,
-        })
-        .collect();
+    let globals: Vec<sys::wtrap::Range> = if !globals {
+        Vec::new()
+    } else {
+        ranges
+            .globals
+            .iter()
+            .map(|&(o, l)| sys::wtrap::Range {
+                start: base + o,
+                len: l,
+            })
+            .collect()
+    };
     let foreign: Vec<sys::wtrap::Range> = ring
         .foreign_ranges(i)
         .into_iter()
@@ -873,38 +1071,78 @@ fn install_trap(i: usize, store: &Store, ring: &'static Ring) -> std::io::Result
 }
 
 /// A module context: serve slot `i` forever.
-fn context_main(i: usize, module: &mut dyn Module, store: &Store, ring: &Ring, trap: bool) -> i32 {
+fn context_main(
+    i: usize,
+    module: &mut dyn Module,
+    store: &Store,
+    ring: &'static Ring,
+    contain: bool,
+    level: Level,
+    host_addr: usize,
+) -> i32 {
     let mut attached = false;
+    let mut layouts = Layouts::default();
     let sites = module.sites();
+    let access = level.access();
+    let probes = Probes {
+        shared: store.block_addr(0).unwrap_or(0),
+        // The host page's address, unmapped in this process: the probe faults there.
+        host: host_addr,
+    };
+    let trap = contain && level == Level::L4;
     ring.serve(
         i,
         |fault, bytes| {
             let reply = match bincode::deserialize::<Request>(bytes) {
                 Err(_) => Reply::Err(Errno::EIO),
                 Ok(req) => {
-                    let mut pm = HostPm::new(
-                        store,
-                        Some(ring.undo(i)),
-                        Owner(i as u64 + 1),
-                        Fault::from_code(fault),
-                    )
-                    .with_sites(SiteCtx {
-                        ring,
-                        sites,
-                        client_pid: req.ctx.pid,
-                    })
-                    .with_lock_waits(ring, i);
                     let mkfs = req.op == Op::Mkfs;
                     if !attached && !mkfs {
-                        attached = module.attach(&mut pm).is_ok();
+                        let mut pm0 =
+                            HostPm::new(store, None, Owner(i as u64 + 1), None).with_access(access);
+                        attached = module.attach(&mut pm0).is_ok();
+                        layouts = Layouts::new(module.layouts());
                     }
                     if !attached && !mkfs {
                         Reply::Err(Errno::EIO)
                     } else {
+                        let mut pm = HostPm::new(
+                            store,
+                            Some(ring.undo(i)),
+                            Owner(i as u64 + 1),
+                            Fault::from_code(fault),
+                        )
+                        .with_access(access)
+                        .with_sites(SiteCtx {
+                            words: ring,
+                            sites,
+                            client_pid: req.ctx.pid,
+                            probes,
+                        })
+                        .with_lock_waits(ring, i);
+                        if level.duplication() && !mkfs {
+                            pm = pm.with_duplication(&layouts);
+                        }
+                        if contain && level.duplication() {
+                            pm = pm.with_global_flag(ring.trap_words(i).0);
+                        }
                         let r = execute(module, &mut pm, req);
                         pm.finish();
+                        let r = if matches!(r, Reply::Err(_)) {
+                            r
+                        } else {
+                            match pm.write_back() {
+                                Ok(_) => r,
+                                Err(WriteBackError::Rejected(why)) => {
+                                    ring.set_violation(i, &why);
+                                    Reply::Err(Errno::EUCLEAN)
+                                }
+                                Err(WriteBackError::Errno(e)) => Reply::Err(e),
+                            }
+                        };
                         if mkfs && r == Reply::Ok {
                             attached = true;
+                            layouts = Layouts::new(module.layouts());
                         }
                         r
                     }

@@ -280,6 +280,61 @@ pub struct Recovery {
     pub crashes: usize,
 }
 
+/// What each protection technique costs, from the medians of one run (µs, per workload):
+/// each level differs from the next by one technique (paper 001, Table 4). `(technique,
+/// workload, extra µs over the level below it, extra as a fraction of level 5)`.
+pub fn technique_costs(rows: &[Row]) -> Vec<(&'static str, &'static str, f64, f64)> {
+    let med = |fs: &str, l: u8, w: &str| {
+        rows.iter()
+            .find(|r| r.fs == fs && r.level == Some(l) && r.workload == w)
+            .map(|r| r.median_us)
+    };
+    let mut out = Vec::new();
+    for w in ["copy64k", "compile"] {
+        let Some(l5) = med("smfs", 5, w).filter(|m| *m > 0.0) else {
+            continue;
+        };
+        let steps = [
+            (
+                "separate address space + undo log + deadlock detection (L4 restart-only - L5)",
+                med("smfs_restart_only", 4, w),
+                Some(l5),
+            ),
+            (
+                "containment write trap (L4 - L4 restart-only)",
+                med("smfs", 4, w),
+                med("smfs_restart_only", 4, w),
+            ),
+            (
+                "duplication + semantic checks (L3 - L4 restart-only)",
+                med("smfs", 3, w),
+                med("smfs_restart_only", 4, w),
+            ),
+            (
+                "shared memory read-only (L2 - L3)",
+                med("smfs", 2, w),
+                med("smfs", 3, w),
+            ),
+            (
+                "shared memory unmapped, not read-only (L1 - L2)",
+                med("smfs", 1, w),
+                med("smfs", 2, w),
+            ),
+        ];
+        for (name, hi, lo) in steps {
+            if let (Some(h), Some(l)) = (hi, lo) {
+                out.push((
+                    name,
+                    w,
+                    round1(h - l),
+                    ((h - l) / l5 * 1000.0).round() / 1000.0,
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Runs every workload on every file system. Progress goes to `progress`.
 pub fn run(opts: &Opts, progress: impl FnMut(&str)) -> Result<Vec<Row>, HostError> {
     run_with_recovery(opts, 0, progress).map(|(rows, _)| rows)
@@ -303,12 +358,16 @@ pub fn run_with_recovery(
     std::fs::create_dir_all(&base).map_err(io("mkdir", &base))?;
     // Level 4 runs with containment (the default: write-protected globals, the flag) and, beside
     // it, as the restart-only rung without the write trap: the difference is containment's cost.
-    let systems: [(&'static str, Option<u8>); 5] = [
+    // Levels 1–3 run with containment too (there the flag is set by write-back, no trap).
+    let systems: [(&'static str, Option<u8>); 8] = [
         ("tmpfs", None),
         ("fuser_plain", None),
         ("smfs", Some(5)),
         ("smfs", Some(4)),
         ("smfs_restart_only", Some(4)),
+        ("smfs", Some(3)),
+        ("smfs", Some(2)),
+        ("smfs", Some(1)),
     ];
     let mut rows = Vec::new();
     for (fs, level) in systems {

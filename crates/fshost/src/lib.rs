@@ -17,6 +17,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod check;
 pub mod deadlock;
 pub mod fuse;
 pub mod l5;

@@ -248,8 +248,9 @@ fn serve_inner(
     let stats = Arc::new(Stats::default());
     // Level 4 forks the module supervisor here, while this process still has one thread.
     let backend = match opts.level {
-        Level::L5 => Backend::direct(module, store),
-        Level::L4 => Backend::remote(
+        Level::L5 => Backend::direct(module, store)?,
+        level => Backend::remote(
+            level,
             module,
             store,
             opts.deadline,
@@ -270,11 +271,11 @@ fn serve_inner(
             fs.supervise_level5(w.clone());
             Some(w)
         }
-        Level::L4 => None,
+        _ => None,
     };
     let threads = match opts.level {
-        Level::L4 => opts.contexts.contexts.clamp(1, crate::ring::MAX_SLOTS),
         Level::L5 => 1,
+        _ => opts.contexts.contexts.clamp(1, crate::ring::MAX_SLOTS),
     };
     unmount_on_signals(mp, set);
     let session = fuser::Session::new(fs, mp, &fuse_config(&name, threads))
@@ -324,7 +325,18 @@ fn unmount_on_signals(mp: &Path, set: nix::sys::signal::SigSet) {
 /// The host's counters (the hidden `.kintsugi-status` file in the mount's root).
 pub fn status(mountpoint: &Path) -> Result<serde_json::Value, HostError> {
     let p = mountpoint.join(STATUS_FILE);
-    let text = std::fs::read(&p).map_err(|e| match e.kind() {
+    // One read call: the file is direct I/O and every read renders the counters afresh, so
+    // reading in pieces (as `fs::read` does past its 4 KiB size hint) could splice two
+    // different snapshots. One FUSE read carries up to 128 KiB, far more than the JSON.
+    let read_once = |p: &Path| -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(p)?;
+        let mut buf = vec![0u8; 128 << 10];
+        let n = f.read(&mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    };
+    let text = read_once(&p).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory => {
             HostError::NotOurs(path_str(mountpoint), STATUS_FILE)
         }

@@ -6,14 +6,97 @@
 //! process dies at, the host can walk the log backwards and restore the exact state from
 //! before the request (including releasing the locks it took), without the module's help.
 
-use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use fsapi::{BlockNo, Errno, FsResult, Ino, LockId, Pm, Timespec};
+use fsapi::{BlockNo, BlockType, Errno, FsResult, Ino, LockId, Pm, Timespec};
 use sys::fs_ring::SharedRegion;
 
+use crate::check::{Layouts, StoreView};
 use crate::store::{BLOCK_SIZE, Owner, Store};
+
+/// How the protection manager reaches the store's blocks from the module's process
+/// (shared-memory protection, levels 1 and 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Levels 3–5: the block area is mapped read-write (or trapped, under containment).
+    Mapped,
+    /// Level 2: mapped read-only for the module; the manager writes through the memfd.
+    ReadOnly,
+    /// Level 1: inaccessible to the module (`PROT_NONE`); the manager reads and writes through
+    /// the memfd, so the region never becomes accessible, not even for the span of a call.
+    Unmapped,
+}
+
+/// Level 1–3 duplication: what a request wrote, kept in the manager's private copy until
+/// write-back. Byte-exact (a mask per block), so write-back touches only the bytes the
+/// request wrote: a concurrent context's committed change elsewhere in the block survives.
+#[derive(Debug)]
+struct Patch {
+    data: Vec<u8>,
+    mask: Vec<u64>,
+}
+
+impl Patch {
+    fn new() -> Patch {
+        Patch {
+            data: vec![0; BLOCK_SIZE],
+            mask: vec![0; BLOCK_SIZE / 64],
+        }
+    }
+
+    fn put(&mut self, off: usize, bytes: &[u8]) {
+        self.data[off..off + bytes.len()].copy_from_slice(bytes);
+        for i in off..off + bytes.len() {
+            self.mask[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    fn has(&self, i: usize) -> bool {
+        self.mask[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Overlays the written bytes of `[off, off + buf.len())` onto `buf`.
+    fn overlay(&self, off: usize, buf: &mut [u8]) {
+        for (k, b) in buf.iter_mut().enumerate() {
+            if self.has(off + k) {
+                *b = self.data[off + k];
+            }
+        }
+    }
+
+    /// The written byte ranges, merged, ascending.
+    fn ranges(&self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < BLOCK_SIZE {
+            if self.mask[i / 64] == 0 {
+                i = (i / 64 + 1) * 64;
+                continue;
+            }
+            if self.has(i) {
+                let s = i;
+                while i < BLOCK_SIZE && self.has(i) {
+                    i += 1;
+                }
+                out.push((s, i));
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+}
+
+/// Why a level 1–3 write-back did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteBackError {
+    /// A semantic check failed: the update is invalid and nothing of it was applied.
+    Rejected(String),
+    /// The undo log is full (or the store refused): the request fails like any refused one.
+    Errno(Errno),
+}
 
 /// A fault to inject into the module, for tests, the demo and `kintsugi fsctl`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -242,9 +325,62 @@ pub struct HostPm<'a> {
     fault: Option<Fault>,
     mutated: bool,
     sites: Option<SiteCtx<'a>>,
+    access: Access,
+    /// Levels 1–3: the module's layouts and the request's private copies.
+    dup: Option<(&'a Layouts, BTreeMap<u64, Patch>)>,
+    /// The context's global-write flag (containment): set when write-back starts.
+    gflag: Option<&'a AtomicU32>,
     /// Where `lock` publishes its waits and finds its victim flag: the ring and this context's
     /// slot (level 4). Without it a wait only ends with the lock or the last-resort timeout.
     waits: Option<(&'a crate::ring::Ring, usize)>,
+}
+
+/// Where the armed fault site lives: the ring header at levels 1–4 (every context sees it),
+/// plain host memory at level 5.
+pub trait SiteWords: Sync + std::fmt::Debug {
+    /// `(armed site, client pid or 0, seed, activation counter)`.
+    fn site(&self) -> (u32, u32, u64, &AtomicU64);
+}
+
+/// The armed-site words of a level-5 host (no ring).
+#[derive(Debug, Default)]
+pub struct LocalSites {
+    armed: AtomicU32,
+    pid: AtomicU32,
+    seed: AtomicU64,
+    hits: AtomicU64,
+}
+
+impl LocalSites {
+    pub fn arm(&self, site: u32, pid: u32, seed: u64) {
+        self.armed.store(0, Ordering::SeqCst);
+        self.pid.store(pid, Ordering::SeqCst);
+        self.seed.store(seed, Ordering::SeqCst);
+        // Disarming keeps the count, so it can be read afterwards (as the ring does).
+        if site != 0 {
+            self.hits.store(0, Ordering::SeqCst);
+        }
+        self.armed.store(site, Ordering::SeqCst);
+    }
+}
+
+impl SiteWords for LocalSites {
+    fn site(&self) -> (u32, u32, u64, &AtomicU64) {
+        (
+            self.armed.load(Ordering::SeqCst),
+            self.pid.load(Ordering::SeqCst),
+            self.seed.load(Ordering::SeqCst),
+            &self.hits,
+        )
+    }
+}
+
+/// Targets of issue 5's stray-access probes: an address in the shared block area (the store's
+/// block 0) and one in host-private data.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Probes {
+    pub shared: usize,
+    pub host: usize,
 }
 
 /// What `lock` answers a request that must give up its wait: the host's deadlock checker
@@ -261,10 +397,11 @@ pub const LOCK_LAST_RESORT: Duration = Duration::from_secs(30);
 /// ring header (the host arms it; every context sees it), the kinds in the module's table.
 #[derive(Debug, Clone, Copy)]
 pub struct SiteCtx<'a> {
-    pub ring: &'a crate::ring::Ring,
+    pub words: &'a dyn SiteWords,
     pub sites: &'static [fsapi::Site],
     /// The client process the request runs for (the campaign fires a site for one client).
     pub client_pid: u32,
+    pub probes: Probes,
 }
 
 impl<'a> HostPm<'a> {
@@ -284,8 +421,105 @@ impl<'a> HostPm<'a> {
             fault,
             mutated: false,
             sites: None,
+            access: Access::Mapped,
+            dup: None,
+            gflag: None,
             waits: None,
         }
+    }
+
+    /// Levels 1–2: how the block area may be reached from this process.
+    pub fn with_access(mut self, access: Access) -> HostPm<'a> {
+        self.access = access;
+        self
+    }
+
+    /// Levels 1–3: writes go to private copies, checked against `layouts` and applied by
+    /// [`HostPm::write_back`].
+    pub fn with_duplication(mut self, layouts: &'a Layouts) -> HostPm<'a> {
+        self.dup = Some((layouts, BTreeMap::new()));
+        self
+    }
+
+    /// Containment: the flag to set when this request writes global data.
+    pub fn with_global_flag(mut self, flag: &'a AtomicU32) -> HostPm<'a> {
+        self.gflag = Some(flag);
+        self
+    }
+
+    fn sread(&self, b: u64, off: usize, buf: &mut [u8]) -> bool {
+        match self.access {
+            Access::Unmapped => self.store.read_fd(b, off, buf),
+            _ => self.store.read(b, off, buf),
+        }
+    }
+
+    fn swrite(&self, b: u64, off: usize, data: &[u8]) -> bool {
+        match self.access {
+            Access::Mapped => self.store.write(b, off, data),
+            _ => self.store.write_fd(b, off, data),
+        }
+    }
+
+    fn szero(&self, b: u64) {
+        match self.access {
+            Access::Mapped => self.store.zero(b),
+            _ => {
+                self.store.write_fd(b, 0, &[0u8; BLOCK_SIZE]);
+            }
+        }
+    }
+
+    /// Writes `data` to the store now, logging the old bytes first (unless the block is fresh
+    /// in this request).
+    fn apply(&mut self, b: u64, off: usize, data: &[u8]) -> FsResult<()> {
+        if self.log.is_some() && !self.fresh.contains(&b) {
+            let mut old = vec![0u8; data.len()];
+            self.sread(b, off, &mut old);
+            self.log(K_BLOCK, b, off as u64, &old)?;
+        }
+        if self.swrite(b, off, data) {
+            Ok(())
+        } else {
+            Err(Errno::EIO)
+        }
+    }
+
+    /// Levels 1–3, end of a request the module answered successfully: checks every record the
+    /// request changed, then writes the copies back (undo-logged, global-write flag set). A
+    /// failed check applies nothing. Returns the blocks written.
+    pub fn write_back(&mut self) -> Result<usize, WriteBackError> {
+        let Some((layouts, patches)) = self.dup.take() else {
+            return Ok(0);
+        };
+        {
+            let view = View {
+                pm: self,
+                patches: &patches,
+            };
+            for (&b, p) in &patches {
+                let ty = self.store.block_type(b);
+                if layouts.get(ty).is_none() {
+                    continue;
+                }
+                let img = view.image(b).ok_or(WriteBackError::Errno(Errno::EIO))?;
+                crate::check::check_block(layouts, &view, b, ty, &img, &p.ranges())
+                    .map_err(WriteBackError::Rejected)?;
+            }
+        }
+        if patches.is_empty() {
+            return Ok(0);
+        }
+        if let Some(f) = self.gflag {
+            f.store(1, Ordering::SeqCst);
+        }
+        for (&b, p) in &patches {
+            for (s, e) in p.ranges() {
+                self.apply(b, s, &p.data[s..e])
+                    .map_err(WriteBackError::Errno)?;
+            }
+        }
+        Ok(patches.len())
     }
 
     /// Lets the deadlock checker see this request's lock waits and interrupt them (level 4:
@@ -347,27 +581,32 @@ impl Pm for HostPm<'_> {
     }
     fn bread(&mut self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
         self.checkpoint();
-        if self.store.read(b.0, off, buf) {
-            Ok(())
-        } else {
-            Err(Errno::EIO)
+        if !self.sread(b.0, off, buf) {
+            return Err(Errno::EIO);
         }
+        if let Some((_, patches)) = &self.dup
+            && let Some(p) = patches.get(&b.0)
+        {
+            p.overlay(off, buf);
+        }
+        Ok(())
     }
     fn bwrite(&mut self, b: BlockNo, off: usize, data: &[u8]) -> FsResult<()> {
         self.checkpoint();
         if !self.store.is_allocated(b.0) || off + data.len() > BLOCK_SIZE {
             return Err(Errno::EIO);
         }
-        if self.log.is_some() && !self.fresh.contains(&b.0) {
-            let mut old = vec![0u8; data.len()];
-            self.store.read(b.0, off, &mut old);
-            self.log(K_BLOCK, b.0, off as u64, &old)?;
-        }
-        self.store.write(b.0, off, data);
         self.mutated = true;
-        Ok(())
+        if let Some((_, patches)) = &mut self.dup {
+            patches.entry(b.0).or_insert_with(Patch::new).put(off, data);
+            return Ok(());
+        }
+        self.apply(b.0, off, data)
     }
     fn get_next_blk(&mut self) -> FsResult<BlockNo> {
+        self.get_next_blk_typed(BlockType::DATA)
+    }
+    fn get_next_blk_typed(&mut self, ty: BlockType) -> FsResult<BlockNo> {
         self.checkpoint();
         // Take first (one atomic step, so a concurrent context cannot get the same block),
         // log second. A death in between leaks one allocated, unreferenced block, which fsck
@@ -381,10 +620,14 @@ impl Pm for HostPm<'_> {
             // Freed earlier in this same request: its old content is live again if we roll
             // back, so save it before zero-filling.
             let mut old = vec![0u8; BLOCK_SIZE];
-            self.store.read(b, 0, &mut old);
+            self.sread(b, 0, &mut old);
             self.log(K_BLOCK, b, 0, &old)?;
         }
-        self.store.zero(b);
+        self.szero(b);
+        self.store.set_block_type(b, ty.0);
+        if let Some((_, patches)) = &mut self.dup {
+            patches.remove(&b);
+        }
         self.fresh.insert(b);
         self.mutated = true;
         Ok(BlockNo(b))
@@ -406,6 +649,10 @@ impl Pm for HostPm<'_> {
             self.store.set_allocated(b.0, false);
         }
         self.fresh.remove(&b.0);
+        if let Some((_, patches)) = &mut self.dup {
+            // Its copy is moot: the block goes back to the store when the request commits.
+            patches.remove(&b.0);
+        }
         self.mutated = true;
         Ok(())
     }
@@ -497,7 +744,7 @@ impl Pm for HostPm<'_> {
         let Some(sc) = self.sites else {
             return false;
         };
-        let (armed, pid, seed, hits) = sc.ring.site();
+        let (armed, pid, seed, hits) = sc.words.site();
         if armed == 0 || armed != id || (pid != 0 && pid != sc.client_pid) {
             return false;
         }
@@ -513,6 +760,28 @@ impl Pm for HostPm<'_> {
                 tracing::debug!(id, ?at, "fault site: heap pointer corrupted");
                 false
             }
+            // Issue 5's probes: the access a wild pointer in module code would make, executed
+            // here with the module's protection state (no window of the manager's is open).
+            Some(fsapi::SiteKind::StrayRead) if sc.probes.shared != 0 => {
+                let v = sys::fault::stray_read(sc.probes.shared);
+                tracing::debug!(
+                    id,
+                    v,
+                    "fault site: stray read of shared memory went through"
+                );
+                false
+            }
+            Some(fsapi::SiteKind::StrayWrite) if sc.probes.shared != 0 => {
+                sys::fault::stray_write_same(sc.probes.shared);
+                tracing::debug!(id, "fault site: stray write to shared memory went through");
+                false
+            }
+            Some(fsapi::SiteKind::HostAccess) if sc.probes.host != 0 => {
+                sys::fault::stray_write_same(sc.probes.host);
+                tracing::debug!(id, "fault site: host data access went through");
+                false
+            }
+            Some(k) if k.is_memory() => false,
             Some(_) => true,
             None => false,
         }
@@ -525,6 +794,34 @@ impl Pm for HostPm<'_> {
             sec: d.as_secs() as i64,
             nsec: d.subsec_nanos(),
         }
+    }
+}
+
+/// The store as a request at levels 1–3 would leave it: the checker's view.
+struct View<'p, 'a> {
+    pm: &'p HostPm<'a>,
+    patches: &'p BTreeMap<u64, Patch>,
+}
+
+impl StoreView for View<'_, '_> {
+    fn nblocks(&self) -> u64 {
+        self.pm.store.nblocks()
+    }
+    fn allocated(&self, b: u64) -> bool {
+        self.pm.store.is_allocated(b)
+    }
+    fn block_type(&self, b: u64) -> u8 {
+        self.pm.store.block_type(b)
+    }
+    fn image(&self, b: u64) -> Option<Vec<u8>> {
+        let mut img = vec![0u8; BLOCK_SIZE];
+        if !self.pm.sread(b, 0, &mut img) {
+            return None;
+        }
+        if let Some(p) = self.patches.get(&b) {
+            p.overlay(0, &mut img);
+        }
+        Some(img)
     }
 }
 

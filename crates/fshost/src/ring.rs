@@ -61,6 +61,14 @@ const S_GFLAG: usize = 24;
 const S_ILLEGAL: usize = 28;
 /// A fault to run while idle.
 const S_IDLE_FAULT: usize = 32;
+/// u64: the address of the fault that ended the context's last process (its SIGSEGV handler
+/// publishes it), 0 if none; cleared per request.
+const S_FAULT_ADDR: usize = 64;
+/// Levels 1–3: the protection manager rejected the request's write-back (a semantically
+/// invalid update); the reason is at `S_VIOLATION`.
+const S_REJECT: usize = 72;
+const S_VIOLATION: usize = 128;
+const VIOLATION_MAX: usize = 256;
 
 /// Deadlock detection words (`deadlock.rs`), well after the words above: the lock-table slot
 /// the context waits for, plus one (0: not waiting), written by the context in
@@ -216,6 +224,9 @@ impl Ring {
         self.word(i, S_FAULT).store(fault, Ordering::Relaxed);
         // A new request in this context: its global-write flag starts clear.
         self.word(i, S_GFLAG).store(0, Ordering::SeqCst);
+        self.word(i, S_REJECT).store(0, Ordering::SeqCst);
+        self.word(i, S_ILLEGAL).store(0, Ordering::SeqCst);
+        self.fault_addr_word(i).store(0, Ordering::SeqCst);
         let state = self.state(i);
         state.store(REQUEST, Ordering::SeqCst);
         self.wake(i, S_WORKER_SLEEPS);
@@ -358,6 +369,39 @@ impl Ring {
             .collect()
     }
 
+    /// Where context `i`'s fault handler publishes the address of a fatal fault.
+    pub fn fault_addr_word(&self, i: usize) -> &AtomicU64 {
+        self.region.atomic_u64(Self::slot_off(i) + S_FAULT_ADDR)
+    }
+
+    /// Why context `i`'s last process was let die by its handler (`sys::wtrap::ILLEGAL_*`),
+    /// 0 if not for an illegal access.
+    pub fn illegal_kind(&self, i: usize) -> u32 {
+        self.word(i, S_ILLEGAL).load(Ordering::SeqCst)
+    }
+
+    /// Module side (levels 1–3): the write-back of the current request was rejected.
+    pub fn set_violation(&self, i: usize, why: &str) {
+        let mut b = [0u8; VIOLATION_MAX];
+        let n = why.len().min(VIOLATION_MAX - 2);
+        b[0..2].copy_from_slice(&(n as u16).to_le_bytes());
+        b[2..2 + n].copy_from_slice(&why.as_bytes()[..n]);
+        self.region.write(Self::slot_off(i) + S_VIOLATION, &b);
+        self.word(i, S_REJECT).store(1, Ordering::SeqCst);
+    }
+
+    /// Host side: the rejection reason of context `i`'s last request, if its write-back was
+    /// rejected.
+    pub fn violation(&self, i: usize) -> Option<String> {
+        if self.word(i, S_REJECT).load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let mut b = [0u8; VIOLATION_MAX];
+        self.region.read(Self::slot_off(i) + S_VIOLATION, &mut b);
+        let n = usize::from(u16::from_le_bytes([b[0], b[1]])).min(VIOLATION_MAX - 2);
+        Some(String::from_utf8_lossy(&b[2..2 + n]).into_owned())
+    }
+
     /// Context `i`'s global-write flag and culprit words (they live as long as the ring).
     pub fn trap_words(&self, i: usize) -> (&AtomicU32, &AtomicU32) {
         (self.word(i, S_GFLAG), self.word(i, S_ILLEGAL))
@@ -421,6 +465,12 @@ impl Ring {
             }
             sleeps.store(0, Ordering::SeqCst);
         }
+    }
+}
+
+impl crate::pm::SiteWords for Ring {
+    fn site(&self) -> (u32, u32, u64, &AtomicU64) {
+        Ring::site(self)
     }
 }
 

@@ -2,7 +2,7 @@
 //! protection manager. One memfd region shared with module processes:
 //!
 //! ```text
-//! [header page][allocation bitmap][node reference counts][lock table][blocks …]
+//! [header page][allocation bitmap][node reference counts][block types][lock table][blocks …]
 //! ```
 //!
 //! The bitmap, reference counts and locks are atomics, so the host can inspect and repair
@@ -58,6 +58,9 @@ pub struct Store {
     nblocks: u64,
     bitmap_off: usize,
     refs_off: usize,
+    /// One byte per block: the [`fsapi::BlockType`] it was allocated for (levels 1–3 check
+    /// write-backs against the module's layout for it).
+    types_off: usize,
     locks_off: usize,
     blocks_off: usize,
 }
@@ -73,7 +76,8 @@ impl Store {
         let bitmap_len = (nblocks.div_ceil(64) * 8) as usize;
         let refs_off = (bitmap_off + bitmap_len).next_multiple_of(PAGE);
         let refs_len = nblocks as usize * 4;
-        let locks_off = (refs_off + refs_len).next_multiple_of(PAGE);
+        let types_off = (refs_off + refs_len).next_multiple_of(PAGE);
+        let locks_off = (types_off + nblocks as usize).next_multiple_of(PAGE);
         let blocks_off = (locks_off + LOCK_SLOTS * 16 + 256 * REG_BYTES).next_multiple_of(PAGE);
         let total = blocks_off + nblocks as usize * BLOCK_SIZE;
         let region = SharedRegion::create("kintsugi-store", total)
@@ -88,6 +92,7 @@ impl Store {
             nblocks,
             bitmap_off,
             refs_off,
+            types_off,
             locks_off,
             blocks_off,
         }))
@@ -126,6 +131,51 @@ impl Store {
             }
             None => false,
         }
+    }
+
+    /// [`Store::read`] through the memfd instead of this process's mapping (level 1: the
+    /// block area is not accessible to the module process outside protection-manager code).
+    pub fn read_fd(&self, b: u64, off: usize, buf: &mut [u8]) -> bool {
+        match self.block_range(b, off, buf.len()) {
+            Some(o) => self.region.pread(o, buf).is_ok(),
+            None => false,
+        }
+    }
+
+    /// [`Store::write`] through the memfd (levels 1 and 2).
+    pub fn write_fd(&self, b: u64, off: usize, data: &[u8]) -> bool {
+        match self.block_range(b, off, data.len()) {
+            Some(o) => self.region.pwrite(o, data).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The block area `(offset, length)` in the region: the shared memory levels 1 and 2
+    /// protect outside protection-manager code.
+    pub fn block_area(&self) -> (usize, usize) {
+        (self.blocks_off, self.region.len() - self.blocks_off)
+    }
+
+    /// Block `b`'s address in this process's mapping (for issue 5's stray-access probes).
+    pub fn block_addr(&self, b: u64) -> Option<usize> {
+        self.block_range(b, 0, BLOCK_SIZE)
+            .map(|o| self.region.addr() + o)
+    }
+
+    /// Records what block `b` holds (set when it is allocated).
+    pub fn set_block_type(&self, b: u64, ty: u8) {
+        if b < self.nblocks {
+            self.region.write(self.types_off + b as usize, &[ty]);
+        }
+    }
+
+    /// What block `b` was allocated for (0: data, or out of range).
+    pub fn block_type(&self, b: u64) -> u8 {
+        let mut t = [0u8];
+        if b < self.nblocks {
+            self.region.read(self.types_off + b as usize, &mut t);
+        }
+        t[0]
     }
 
     fn zero_block(&self, b: u64) {

@@ -124,3 +124,98 @@ pub fn corrupt_heap_pointer(seed: u64) -> Option<usize> {
     }
     None
 }
+
+/// A stray read of one byte at `addr`, as a wild pointer in module code would do (issue 5's
+/// detection matrix). Where `addr` is unmapped or protected for this process the MMU faults
+/// (SIGSEGV), which is what the matrix checks for; where it is readable, the byte is returned.
+///
+/// The caller passes an address inside a mapping it knows of (the block store, the host's
+/// private page): the probe's point is the *permission*, not a random address.
+pub fn stray_read(addr: usize) -> u8 {
+    // SAFETY: not safe by design, like `segv`: a deliberate access through a raw address that
+    // may fault. It is volatile so it happens exactly once; when the page is readable, reading
+    // a u8 from a live mapping of plain bytes observes no Rust object's invariants.
+    unsafe { std::ptr::read_volatile(addr as *const u8) }
+}
+
+/// A stray write at `addr` that stores the byte already there: the MMU checks the permission
+/// (a protected page faults before anything changes), and where the write is allowed it
+/// leaves no damage behind, so a matrix cell where the error is *not* detected needs no repair.
+pub fn stray_write_same(addr: usize) {
+    // SAFETY: as for `stray_read`; writing back the value just read changes no byte. A
+    // concurrent writer of the same byte could be overwritten with its old value: callers aim
+    // at bytes no one else writes during the probe (the store's superblock, the host page).
+    unsafe {
+        let p = addr as *mut u8;
+        let v = std::ptr::read_volatile(p);
+        std::ptr::write_volatile(p, v);
+    }
+}
+
+/// A page of process-private memory (anonymous, `MAP_PRIVATE`) at a fixed address for the
+/// life of the value: the file-system host keeps its own ("kernel") data there, and module
+/// processes forked from the host unmap it ([`PrivatePage::unmap_in_child`]), so a module that
+/// reaches for it faults as a user process reaching for kernel memory does.
+#[derive(Debug)]
+pub struct PrivatePage {
+    addr: std::ptr::NonNull<u8>,
+}
+
+// SAFETY: the page is plain bytes accessed only through volatile copies by address; moving the
+// owner between threads moves no thread-bound state.
+unsafe impl Send for PrivatePage {}
+// SAFETY: as above; no method hands out a reference into the page.
+unsafe impl Sync for PrivatePage {}
+
+impl PrivatePage {
+    pub const LEN: usize = 4096;
+
+    /// Maps a fresh zeroed page and writes `content` (at most a page) at its start.
+    pub fn new(content: &[u8]) -> std::io::Result<PrivatePage> {
+        // SAFETY: an anonymous private mapping with a null hint aliases nothing; checked below.
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                Self::LEN,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE,
+            )?
+        };
+        let addr = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        let n = content.len().min(Self::LEN);
+        // SAFETY: the page is ours, writable and LEN bytes long; content is a distinct buffer.
+        unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), addr.as_ptr(), n) };
+        Ok(PrivatePage { addr })
+    }
+
+    /// The page's address in this process.
+    pub fn addr(&self) -> usize {
+        self.addr.as_ptr() as usize
+    }
+
+    /// Copies the page's first `buf.len()` bytes out.
+    pub fn read(&self, buf: &mut [u8]) {
+        let n = buf.len().min(Self::LEN);
+        // SAFETY: the page is mapped for the life of self; buf is distinct.
+        unsafe { std::ptr::copy_nonoverlapping(self.addr.as_ptr(), buf.as_mut_ptr(), n) };
+    }
+
+    /// In a process forked from the owner: removes the page from this address space, so any
+    /// access to it faults. The owner's own page (another process) is untouched. The value
+    /// must not be used in this process afterwards except for `addr` (its Drop then unmaps
+    /// nothing: munmap of an unmapped range is harmless).
+    pub fn unmap_in_child(&self) -> std::io::Result<()> {
+        // SAFETY: the range is exactly our page; after this no access through it is made by
+        // this crate in this process (the documented contract), so no reference dangles.
+        unsafe { rustix::mm::munmap(self.addr.as_ptr().cast(), Self::LEN)? };
+        Ok(())
+    }
+}
+
+impl Drop for PrivatePage {
+    fn drop(&mut self) {
+        // SAFETY: our own page; nothing refers into it after drop.
+        let _ = unsafe { rustix::mm::munmap(self.addr.as_ptr().cast(), Self::LEN) };
+    }
+}

@@ -105,6 +105,61 @@ impl SharedRegion {
         }
     }
 
+    /// Copies bytes at `off` out through the memfd (`pread`), not through this process's
+    /// mapping, so it works while the mapping is protected: level 1's protection manager
+    /// reads shared memory this way (one syscall, no page-table change to undo).
+    pub fn pread(&self, off: usize, buf: &mut [u8]) -> io::Result<()> {
+        self.check(off, buf.len());
+        let mut done = 0;
+        while done < buf.len() {
+            let n = rustix::io::pread(&self.fd, &mut buf[done..], (off + done) as u64)?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into the region at `off` through the memfd (`pwrite`): the protection
+    /// manager's write path while the mapping is read-only or unmapped for the module.
+    pub fn pwrite(&self, off: usize, data: &[u8]) -> io::Result<()> {
+        self.check(off, data.len());
+        let mut done = 0;
+        while done < data.len() {
+            done += rustix::io::pwrite(&self.fd, &data[done..], (off + done) as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Sets this process's access to the page-aligned `[off, off + len)` of the mapping:
+    /// `(false, false)` none, `(true, false)` read-only, `(true, true)` read-write. Access
+    /// through [`SharedRegion::pread`]/[`SharedRegion::pwrite`] and other processes' mappings
+    /// are not affected.
+    pub fn protect(&self, off: usize, len: usize, read: bool, write: bool) -> io::Result<()> {
+        self.check(off, len);
+        if !off.is_multiple_of(4096) || !len.is_multiple_of(4096) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "protected part of a shared region must be page-aligned",
+            ));
+        }
+        let mut flags = rustix::mm::MprotectFlags::empty();
+        if read {
+            flags |= rustix::mm::MprotectFlags::READ;
+        }
+        if write {
+            flags |= rustix::mm::MprotectFlags::WRITE;
+        }
+        // SAFETY: the range is a page-aligned part of our own live mapping (checked). No Rust
+        // reference into it exists except atomics handed out by atomic_u32/u64, which callers
+        // must not place in a range they protect (the store keeps its atomics outside the
+        // block area it protects); a later access to a protected page raises SIGSEGV, which
+        // is the point, rather than undefined behaviour in Rust's model.
+        unsafe { rustix::mm::mprotect(self.ptr.as_ptr().add(off).cast(), len, flags)? };
+        Ok(())
+    }
+
     /// Sets `n` bytes at `off` to zero. Panics if out of range.
     pub fn zero(&self, off: usize, n: usize) {
         self.check(off, n);

@@ -19,7 +19,7 @@
 //! `sigaction` (both async-signal-safe), so it is safe to run at any instruction.
 
 use std::io;
-use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 const MAX_RANGES: usize = 8;
 /// Pages a single request may open before [`reprotect`] falls back to re-protecting whole
@@ -39,6 +39,16 @@ static ILLEGAL: AtomicPtr<AtomicU32> = AtomicPtr::new(std::ptr::null_mut());
 static OPENED: [AtomicUsize; MAX_OPEN] = [const { AtomicUsize::new(0) }; MAX_OPEN];
 static N_OPENED: AtomicUsize = AtomicUsize::new(0);
 static FAULT_ADDR: AtomicUsize = AtomicUsize::new(0);
+/// Level 1/2 shared-memory protection: the block store outside protection-manager code.
+static SHARED_START: [AtomicUsize; MAX_RANGES] = [const { AtomicUsize::new(0) }; MAX_RANGES];
+static SHARED_END: [AtomicUsize; MAX_RANGES] = [const { AtomicUsize::new(0) }; MAX_RANGES];
+/// Where the address of a fault that ends the process is published for the host.
+static REPORT: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Values of the `illegal` word: why the handler let the process die.
+pub const ILLEGAL_FOREIGN_WRITE: u32 = 1;
+/// An access to shared memory outside protection-manager code (levels 1 and 2).
+pub const ILLEGAL_SHARED_ACCESS: u32 = 2;
 
 /// A range of this process's address space: `[start, start + len)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,16 +121,72 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
             }
             return;
         }
+    } else if in_ranges(&SHARED_START, &SHARED_END, addr) {
+        mark_illegal(ILLEGAL_SHARED_ACCESS);
     } else if in_ranges(&FOREIGN_START, &FOREIGN_END, addr) {
-        let illegal = ILLEGAL.load(Ordering::Relaxed);
-        if !illegal.is_null() {
-            // SAFETY: as for FLAG.
-            unsafe { (*illegal).store(1, Ordering::SeqCst) };
-        }
+        mark_illegal(ILLEGAL_FOREIGN_WRITE);
+    }
+    let report = REPORT.load(Ordering::Relaxed);
+    if !report.is_null() {
+        // SAFETY: REPORT points into a shared mapping registered by `report_faults` that stays
+        // mapped for the life of the process (the caller promises it).
+        unsafe { (*report).store(addr as u64, Ordering::SeqCst) };
     }
     // Not a first write to global data: the default action ends the process when the faulting
     // instruction re-executes.
     set_default(sig);
+}
+
+fn mark_illegal(why: u32) {
+    let illegal = ILLEGAL.load(Ordering::Relaxed);
+    if !illegal.is_null() {
+        // SAFETY: ILLEGAL points into a shared mapping registered by `install` or
+        // `protect_shared` that stays mapped for the life of the process.
+        unsafe { (*illegal).store(why, Ordering::SeqCst) };
+    }
+}
+
+fn install_handler() -> io::Result<()> {
+    // SAFETY: a zeroed sigaction with our extern "C" handler, SA_SIGINFO and an empty mask is
+    // valid. The handler only touches atomics and calls async-signal-safe functions.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_fault as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut()) != 0
+            || libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Publishes the address of any SIGSEGV/SIGBUS that ends this process in `*report` (the host
+/// names it in the module's error report). `report` must stay mapped for the process's life.
+pub fn report_faults(report: &'static AtomicU64) -> io::Result<()> {
+    REPORT.store(std::ptr::from_ref(report).cast_mut(), Ordering::SeqCst);
+    install_handler()
+}
+
+/// Levels 1 and 2: the caller has made `shared` unmapped-equivalent (`PROT_NONE`) or
+/// read-only for this process outside protection-manager code; a fault inside it is the
+/// module's illegal access: `*illegal` gets [`ILLEGAL_SHARED_ACCESS`], the address goes to the
+/// report word (see [`report_faults`]) and the process dies of the signal.
+pub fn protect_shared(shared: &[Range], illegal: &'static AtomicU32) -> io::Result<()> {
+    if shared.len() > MAX_RANGES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many protected ranges",
+        ));
+    }
+    ILLEGAL.store(std::ptr::from_ref(illegal).cast_mut(), Ordering::SeqCst);
+    for (i, r) in shared.iter().enumerate() {
+        SHARED_START[i].store(r.start, Ordering::SeqCst);
+        SHARED_END[i].store(r.start + r.len, Ordering::SeqCst);
+    }
+    install_handler()
 }
 
 /// Write-protects `globals` (read-only; first writes set `*flag` and open the page) and
@@ -159,19 +225,7 @@ pub fn install(
         FOREIGN_START[i].store(r.start, Ordering::SeqCst);
         FOREIGN_END[i].store(r.start + r.len, Ordering::SeqCst);
     }
-    // SAFETY: a zeroed sigaction with our extern "C" handler, SA_SIGINFO and an empty mask is
-    // valid. The handler only touches atomics and calls async-signal-safe functions.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_fault as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut()) != 0
-            || libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    install_handler()?;
     for r in globals.iter().chain(foreign) {
         protect(r.start, r.len)?;
     }

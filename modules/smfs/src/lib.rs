@@ -66,8 +66,9 @@
 #![forbid(unsafe_code)]
 
 use fsapi::{
-    Attr, BlockNo, Ctx, DirEntry, Errno, Fh, FileKind, FsResult, FsckProblem, Ino, LockId, Module,
-    Pm, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, Site, StatFs, TimeSet, Timespec,
+    Attr, BlockNo, BlockType, Check, Ctx, DirEntry, Errno, Fh, FileKind, FsResult, FsckProblem,
+    Ino, Layout, LockId, Module, Pm, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, Site, StatFs,
+    TimeSet, Timespec,
 };
 
 mod fsck;
@@ -91,6 +92,12 @@ const RENAME_LOCK: LockId = LockId(u64::MAX);
 const SUPER_LOCK: LockId = LockId(u64::MAX - 1);
 /// A lock could not be taken in order (a concurrent change between peek and lock).
 const ESTALE: Errno = Errno(libc::ESTALE);
+
+/// Block types (declared at allocation; levels 1–3 check write-backs against [`Smfs::layouts`]).
+const T_SUPER: BlockType = BlockType(1);
+const T_INODE: BlockType = BlockType(2);
+const T_DIR: BlockType = BlockType(3);
+const T_PTR: BlockType = BlockType(4);
 
 /// The position of lock `l` in the global order (see the module documentation).
 fn lock_rank(l: LockId) -> u64 {
@@ -496,7 +503,13 @@ impl Smfs {
         } else {
             self.iloc(ino)?
         };
-        pm.bwrite(b, off, &i.encode())
+        let mut rec = i.encode();
+        if pm.site(67) {
+            // Issue 5's "semantically invalid update": a block pointer beyond the store.
+            let g = self.geo()?;
+            put_u64(&mut rec, 72, g.nblocks + 7);
+        }
+        pm.bwrite(b, off, &rec)
     }
 
     /// Unlocked look at a live inode: a hint only (None if it does not look sane).
@@ -675,8 +688,8 @@ impl Smfs {
         Ok(p)
     }
 
-    fn alloc_blk(pm: &mut dyn Pm, i: &mut Inode) -> FsResult<u64> {
-        let b = pm.get_next_blk()?.0;
+    fn alloc_blk(pm: &mut dyn Pm, i: &mut Inode, ty: BlockType) -> FsResult<u64> {
+        let b = pm.get_next_blk_typed(ty)?.0;
         if !pm.site(24) {
             i.nblk += 1;
         }
@@ -702,24 +715,27 @@ impl Smfs {
         } else {
             return Err(Errno::EFBIG);
         };
+        let data_ty = if i.is_dir() { T_DIR } else { BlockType::DATA };
+        let depth = path.len();
         let mut cur = if pm.site(12) { 0 } else { i.ptr[root_idx] };
         if cur == 0 {
             if !alloc {
                 return Ok(None);
             }
-            cur = Self::alloc_blk(pm, i)?;
+            cur = Self::alloc_blk(pm, i, if depth == 0 { data_ty } else { T_PTR })?;
             if !pm.site(19) {
                 i.ptr[root_idx] = cur;
             }
         }
         pm.site(60);
-        for idx in path {
+        for (k, idx) in path.into_iter().enumerate() {
             let mut next = self.read_ptr(pm, cur, idx)?;
             if next == 0 {
                 if !alloc {
                     return Ok(None);
                 }
-                next = Self::alloc_blk(pm, i)?;
+                let ty = if k + 1 == depth { data_ty } else { T_PTR };
+                next = Self::alloc_blk(pm, i, ty)?;
                 pm.bwrite(BlockNo(cur), idx as usize * 8, &next.to_le_bytes())?;
             }
             cur = next;
@@ -1264,7 +1280,7 @@ impl Module for Smfs {
         // The superblock and the inode table must sit at fixed places: a fresh store hands
         // out blocks lowest-first.
         for want in 0..=itable_blocks {
-            let got = pm.get_next_blk()?;
+            let got = pm.get_next_blk_typed(if want == 0 { T_SUPER } else { T_INODE })?;
             if got.0 != want {
                 return Err(Errno::EINVAL);
             }
@@ -1440,6 +1456,10 @@ impl Module for Smfs {
             self.lock_ino(pm, l, ino)?;
             let mut i = self.iget(pm, ino)?;
             Self::check_regular(&i)?;
+            // Issue 5's detection-matrix probes (the host makes the access at these points).
+            pm.site(65);
+            pm.site(66);
+            pm.site(68);
             self.write_data(pm, &mut i, offset, data)?;
             let now = pm.now();
             i.mtime = now;
@@ -1727,6 +1747,162 @@ impl Module for Smfs {
 
     fn fsck(&mut self, pm: &mut dyn Pm) -> FsResult<Vec<FsckProblem>> {
         self.check_all(pm)
+    }
+
+    /// What the protection manager checks on write-back at levels 1–3: the superblock, inode
+    /// slots, directory entries and pointer blocks (file data is opaque).
+    fn layouts(&self) -> Vec<Layout> {
+        let Some(g) = self.geo else {
+            return Vec::new();
+        };
+        let kinds = [
+            libc::S_IFREG,
+            libc::S_IFDIR,
+            libc::S_IFLNK,
+            libc::S_IFIFO,
+            libc::S_IFCHR,
+            libc::S_IFBLK,
+            libc::S_IFSOCK,
+        ]
+        .map(u64::from)
+        .to_vec();
+        let data_or_dir = vec![BlockType::DATA, T_DIR];
+        vec![
+            Layout {
+                ty: T_SUPER,
+                name: "superblock",
+                record: g.bs,
+                live: None,
+                checks: vec![
+                    Check::OneOf {
+                        field: "magic",
+                        off: 0,
+                        width: 8,
+                        mask: u64::MAX,
+                        values: vec![MAGIC],
+                    },
+                    Check::OneOf {
+                        field: "version",
+                        off: 8,
+                        width: 4,
+                        mask: u64::MAX,
+                        values: vec![u64::from(VERSION)],
+                    },
+                    Check::Range {
+                        field: "inodes",
+                        off: 16,
+                        width: 8,
+                        min: g.ninodes,
+                        max: g.ninodes,
+                    },
+                    Check::Range {
+                        field: "free inodes",
+                        off: 32,
+                        width: 8,
+                        min: 0,
+                        max: g.ninodes,
+                    },
+                ],
+            },
+            Layout {
+                ty: T_INODE,
+                name: "inode",
+                record: INODE_SIZE,
+                live: Some((0, 4)),
+                checks: vec![
+                    Check::OneOf {
+                        field: "mode kind",
+                        off: 0,
+                        width: 4,
+                        mask: u64::from(libc::S_IFMT),
+                        values: kinds,
+                    },
+                    Check::Range {
+                        field: "nlink",
+                        off: 4,
+                        width: 4,
+                        min: 0,
+                        max: u64::from(LINK_MAX) + 2,
+                    },
+                    Check::Range {
+                        field: "size",
+                        off: 16,
+                        width: 8,
+                        min: 0,
+                        max: g.max_bytes(),
+                    },
+                    Check::Range {
+                        field: "blocks",
+                        off: 68,
+                        width: 4,
+                        min: 0,
+                        max: g.nblocks,
+                    },
+                    Check::BlockRefs {
+                        field: "direct",
+                        off: 72,
+                        n: NDIRECT,
+                        types: data_or_dir.clone(),
+                    },
+                    Check::BlockRefs {
+                        field: "indirect",
+                        off: 72 + 8 * NDIRECT,
+                        n: 3,
+                        types: vec![T_PTR],
+                    },
+                ],
+            },
+            Layout {
+                ty: T_DIR,
+                name: "directory entry",
+                record: DIRENT_SIZE,
+                live: Some((0, 8)),
+                checks: vec![
+                    Check::Range {
+                        field: "ino",
+                        off: 0,
+                        width: 8,
+                        min: 1,
+                        max: g.ninodes,
+                    },
+                    Check::RecordRef {
+                        field: "ino",
+                        off: 0,
+                        width: 8,
+                        first_block: 1,
+                        per_block: (g.bs / INODE_SIZE) as u64,
+                        record: INODE_SIZE,
+                        live: (0, 4),
+                    },
+                    Check::Range {
+                        field: "kind",
+                        off: 8,
+                        width: 1,
+                        min: 1,
+                        max: 7,
+                    },
+                    Check::Name {
+                        field: "name",
+                        len_off: 9,
+                        len_width: 1,
+                        name_off: 10,
+                        max: NAME_MAX,
+                    },
+                ],
+            },
+            Layout {
+                ty: T_PTR,
+                name: "pointer block",
+                record: g.bs,
+                live: None,
+                checks: vec![Check::BlockRefs {
+                    field: "pointer",
+                    off: 0,
+                    n: g.bs / 8,
+                    types: vec![T_PTR, BlockType::DATA, T_DIR],
+                }],
+            },
+        ]
     }
 }
 

@@ -334,6 +334,27 @@ pub static SITES: &[Site] = &[
         PointerCorruption,
         "fsync: module memory holding the inode (PointerCorruption)",
     ),
+    // Issue 5's detection matrix (paper 001, Table 5), not part of issue 6's campaign.
+    site(
+        65,
+        StrayRead,
+        "write: a stray read of shared memory (the store) outside protection-manager code",
+    ),
+    site(
+        66,
+        StrayWrite,
+        "write: a stray write to shared memory (the store) outside protection-manager code",
+    ),
+    site(
+        67,
+        BadUpdate,
+        "iput: the inode is written back with a block pointer beyond the store",
+    ),
+    site(
+        68,
+        HostAccess,
+        "write: an access to host-private data (the host's own page)",
+    ),
     site(
         69,
         MissingIf,

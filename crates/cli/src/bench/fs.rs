@@ -53,12 +53,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<12} {:>5} {:<8} {:>12} {:>12} {:>9}",
+        "{:<18} {:>5} {:<8} {:>12} {:>12} {:>9}",
         "fs", "level", "workload", "median_us", "p99_us", "vs L5"
     );
     for r in &rows {
         println!(
-            "{:<12} {:>5} {:<8} {:>12.1} {:>12.1} {:>9}",
+            "{:<18} {:>5} {:<8} {:>12.1} {:>12.1} {:>9}",
             r.fs,
             r.level.map_or("-".into(), |l| l.to_string()),
             r.workload,
@@ -66,6 +66,24 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             r.p99_us,
             r.ratio_to_level5.map_or("-".into(), |x| format!("{x:.2}x"))
         );
+    }
+    println!("\nper technique (each level adds one to the level below it):");
+    for (t, w, us, frac) in fshost::bench::technique_costs(&rows) {
+        println!(
+            "  {w:<8} {us:>+10.1} us  {:>+7.1}% of L5   {t}",
+            frac * 100.0
+        );
+    }
+    for w in ["copy64k", "compile"] {
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.fs == "smfs" && r.level == Some(1) && r.workload == w)
+        {
+            println!(
+                "paper's comparison, smfs {w}: L1/L5 = {}",
+                r.ratio_to_level5.map_or("-".into(), |x| format!("{x:.2}x"))
+            );
+        }
     }
     if let Some(r) = rec {
         println!(

@@ -1,6 +1,6 @@
 //! `kintsugi bench inject`: the fault-injection campaign of issue 6.
 //!
-//! Each run mounts a fresh SMFS at level 4, starts several client processes (each in its own
+//! Each run mounts a fresh SMFS at `--level` (default 4), starts several client processes (each in its own
 //! process group, each working in its own directory: whole-file writes, appends, overwrites,
 //! truncates, renames, unlinks, subdirectories, read-backs, every write acknowledged by a
 //! successful `fsync`), arms **one** compiled-in fault site for the first client only, lets the
@@ -49,6 +49,11 @@ pub struct Args {
     /// Module contexts (concurrent requests).
     #[arg(long, default_value_t = 4)]
     pub contexts: u8,
+    /// Protection level the module runs at (1–4: contexts are separate processes). At 1–3 the
+    /// module works on checked copies until write-back, so a fault before write-back has
+    /// written no global data.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=4))]
+    pub level: u8,
     /// Campaign seed (workloads and memory-fault targets derive from it).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -196,7 +201,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if !rustix::process::geteuid().is_root() && !Path::new("/dev/fuse").exists() {
         bail!("bench inject mounts FUSE file systems: run as root with /dev/fuse present");
     }
-    let sites = smfs::Smfs::new().sites();
+    // Issue 5's detection-matrix probes are not software faults of the campaign's kinds.
+    let sites: Vec<fsapi::Site> = smfs::Smfs::new()
+        .sites()
+        .iter()
+        .filter(|s| !s.kind.is_matrix_row())
+        .copied()
+        .collect();
     if sites.is_empty() {
         bail!("the smfs module has no fault sites compiled in");
     }
@@ -338,7 +349,7 @@ fn one_run(
     std::fs::create_dir_all(&mp)?;
     let opts = fshost::MountOpts {
         module: "smfs".into(),
-        level: fshost::Level::L4,
+        level: fshost::Level::from_number(a.level).map_err(anyhow::Error::msg)?,
         size: 64 << 20,
         mountpoint: mp.clone(),
         foreground: false,

@@ -13,8 +13,10 @@ pub struct Args {
     /// Module to mount: smfs (the RAM-disk module), or fuser-plain (the bare-FUSE baseline).
     #[arg(long, default_value = "smfs")]
     pub module: String,
-    /// Protection level: 5 = linked into the host (no protection), 4 = own process, shared-memory
-    /// ring, undo log, restart on crash.
+    /// Protection level: 5 = linked into the host (no protection); 4 = own processes, shared-memory
+    /// ring, undo log, deadlock detection, restart on crash; 3 = 4 + duplication and semantic
+    /// checks of every write-back; 2 = 3 + shared memory read-only outside the protection
+    /// manager; 1 = 3 + shared memory unmapped outside it.
     #[arg(long, default_value_t = 4)]
     pub level: u8,
     /// Block store size, e.g. 256M, 1G.

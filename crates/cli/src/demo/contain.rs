@@ -2,6 +2,8 @@
 //! client's read crashes its context, which wrote no global data: that request alone fails,
 //! one context is replaced and another client works on untouched. Then a crash after a global
 //! write escalates: rollback, module restart, the request retried. `kintsugi fsck` is clean.
+//! Last, at protection level 1 an invalid update and a stray write into shared memory, both
+//! invisible at level 4, are detected and contained (issue 5).
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,7 +21,7 @@ fn n(s: &serde_json::Value, k: &str) -> u64 {
 /// Runs the rung (well under a second) and narrates through `say`.
 pub fn run(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     say("== contain: a fault stays in the request context it happened in ==");
-    let (dir, mp, m) = mount_smfs("contain", &["--contexts", "4"])?;
+    let (dir, mp, m) = mount_smfs("contain", 4, &["--contexts", "4"])?;
     let s = status(&mp)?;
     say(&format!(
         "mounted SMFS at level 4 on {mp}: {} module contexts, recovery '{}'",
@@ -75,5 +77,52 @@ pub fn run(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     say(&format!("kintsugi fsck: {}", fsck.trim()));
     drop(m);
     say("unmounted");
+    protection_level_1(say)
+}
+
+/// Issue 5: at level 1 the protection manager catches errors level 4 lets through — an
+/// invalid update of host data (rejected by the semantic checks, nothing applied) and a stray
+/// write into the shared block store (unmapped outside the manager) — and each is contained.
+fn protection_level_1(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+    use fsapi::{Module, SiteKind};
+    use std::io::Write;
+    let (dir, mp, m) = mount_smfs("protect", 1, &["--contexts", "2"])?;
+    say(&format!(
+        "mounted SMFS at level 1 on {mp}: shared memory unmapped outside the protection manager, duplication + semantic checks"
+    ));
+    write_synced(&dir.join("keep"), b"acknowledged before the errors")?;
+    write_synced(&dir.join("probe"), b"probe")?;
+    let sites = smfs::Smfs::new().sites();
+    for kind in [SiteKind::BadUpdate, SiteKind::StrayWrite] {
+        let site = sites
+            .iter()
+            .find(|s| s.kind == kind)
+            .context("smfs lacks a detection-matrix site")?;
+        kintsugi(&["fsctl", &mp, "arm-site", &site.id.to_string()])?;
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dir.join("probe"))
+            .and_then(|mut f| f.write_all(b"faulty write"));
+        kintsugi(&["fsctl", &mp, "arm-site", "0"])?;
+        ensure!(r.is_err(), "level 1 should have caught: {}", site.what);
+        let s = status(&mp)?;
+        say(&format!(
+            "module fault \"{}\" → detected: {} → that request got EIO, contained",
+            site.what,
+            s["last_error"].as_str().unwrap_or("?")
+        ));
+    }
+    let keep = std::fs::read(dir.join("keep"))?;
+    ensure!(
+        keep == b"acknowledged before the errors",
+        "acknowledged data changed"
+    );
+    let fsck = kintsugi(&["fsck", &mp])?;
+    say(&format!(
+        "acknowledged data intact; kintsugi fsck: {}",
+        fsck.trim()
+    ));
+    drop(m);
     Ok(())
 }

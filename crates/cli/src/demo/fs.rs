@@ -43,13 +43,18 @@ pub(crate) fn write_synced(p: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Mounts SMFS at level 4 (64 MiB) on a fresh temp directory with `extra` flags; the
+/// Mounts SMFS at `level` (64 MiB) on a fresh temp directory with `extra` flags; the
 /// returned guard unmounts it. Returns (directory, its path as a string, guard).
-pub(crate) fn mount_smfs(tag: &str, extra: &[&str]) -> anyhow::Result<(PathBuf, String, Mounted)> {
+pub(crate) fn mount_smfs(
+    tag: &str,
+    level: u8,
+    extra: &[&str],
+) -> anyhow::Result<(PathBuf, String, Mounted)> {
     let dir = std::env::temp_dir().join(format!("kintsugi-demo-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mp = dir.to_string_lossy().into_owned();
-    let mut args = vec!["mount", "--module", "smfs", "--level", "4", "--size", "64M"];
+    let lv = level.to_string();
+    let mut args = vec!["mount", "--module", "smfs", "--level", &lv, "--size", "64M"];
     args.extend_from_slice(extra);
     args.push(&mp);
     kintsugi(&args)?;
@@ -61,7 +66,7 @@ pub fn run(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     say(
         "== fs: a file-system module crashes; the host rolls back and restarts it (recovery rung 'restart') ==",
     );
-    let (dir, mp, m) = mount_smfs("fs", &["--deadline-ms", "300", "--recovery", "restart"])?;
+    let (dir, mp, m) = mount_smfs("fs", 4, &["--deadline-ms", "300", "--recovery", "restart"])?;
     let s = status(&mp)?;
     say(&format!(
         "mounted SMFS at level 4 on {mp}: host pid {}, module pid {}",

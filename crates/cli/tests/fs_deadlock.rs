@@ -165,7 +165,17 @@ impl Drop for KillHost {
 
 #[test]
 fn deadlocks_are_detected_and_broken_transparently() {
-    let m = Mount::new(4, &["--contexts", "4", "--deadlock-interval-ms", "20"]);
+    detected_and_broken(4);
+}
+
+/// Level 1 (duplication and checks, shared memory unmapped): the same detection and breaking.
+#[test]
+fn deadlocks_are_broken_at_level_1() {
+    detected_and_broken(1);
+}
+
+fn detected_and_broken(level: u8) {
+    let m = Mount::new(level, &["--contexts", "4", "--deadlock-interval-ms", "20"]);
     let s = m.status();
     let mut guard = KillHost {
         pid: n(&s, "host_pid") as i32,

@@ -966,13 +966,7 @@ fn fsck_reports_each_corruption() {
 fn site_table_is_dense_unique_and_covers_every_kind() {
     let sites = Smfs::new().sites();
     for (k, s) in sites.iter().enumerate() {
-        // Dense from 1, except that 65-68 are reserved on this branch (69 is the deadlock site).
-        let want = if k + 1 >= 65 { k + 5 } else { k + 1 };
-        assert!(
-            s.id as usize == k + 1 || s.id as usize == want,
-            "ids are dense from 1: {}",
-            s.id
-        );
+        assert_eq!(s.id as usize, k + 1, "ids are dense from 1");
         assert!(s.what.contains(':'), "{}: `what` names the upcall", s.id);
     }
     for kind in SiteKind::ALL {

@@ -211,14 +211,17 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             "{:>11} {:>9} {:>9} {:>15} {:>14}",
             "interval_ms", "detected", "broken", "mean_detect_us", "mean_break_us"
         );
+        // serde_json values ignore width: print them as numbers.
+        let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
         for r in &lat {
             println!(
                 "{:>11} {:>9} {:>9} {:>15} {:>14}",
-                r["interval_ms"],
-                r["deadlocks_detected"],
-                r["deadlocks_broken"],
-                r["mean_detect_us"],
-                r["mean_break_us"]
+                u(&r["interval_ms"]),
+                u(&r["deadlocks_detected"]),
+                u(&r["deadlocks_broken"]),
+                u(&r["mean_detect_us"]),
+                u(&r["mean_break_us"])
             );
         }
         println!(
@@ -227,8 +230,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
         for r in &cost {
             println!(
-                "{:>11} {:>18} {:>15}",
-                r["interval_ms"], r["copy64k_median_us"], r["copy64k_p99_us"]
+                "{:>11} {:>18.1} {:>15.1}",
+                u(&r["interval_ms"]),
+                f(&r["copy64k_median_us"]),
+                f(&r["copy64k_p99_us"])
             );
         }
     }

@@ -338,6 +338,7 @@ fn one_run(
     std::fs::create_dir_all(&mp)?;
     let opts = fshost::MountOpts {
         module: "smfs".into(),
+        module_opts: String::new(),
         level: fshost::Level::L4,
         size: 64 << 20,
         mountpoint: mp.clone(),

@@ -33,9 +33,14 @@ pub struct Mount {
 
 impl Mount {
     pub fn new(level: u8, extra: &[&str]) -> Mount {
-        let dir = fresh_dir(&format!("l{level}"));
+        Mount::of_module("smfs", level, extra)
+    }
+
+    /// A mount of `module` (with `extra` arguments, e.g. `-o server=…`).
+    pub fn of_module(module: &str, level: u8, extra: &[&str]) -> Mount {
+        let dir = fresh_dir(&format!("{module}-l{level}"));
         let lv = level.to_string();
-        let mut args = vec!["mount", "--module", "smfs", "--level", &lv, "--size", "64M"];
+        let mut args = vec!["mount", "--module", module, "--level", &lv, "--size", "64M"];
         args.extend_from_slice(extra);
         let d = dir.to_str().expect("utf-8 temp path").to_string();
         args.push(&d);

@@ -70,13 +70,23 @@ pub const SUPER_MAGIC: u64 = u64::from_le_bytes(*b"SNFSCACH");
 pub const SUPER_VERSION: u32 = 1;
 pub const SUPER_TYPE: BlockType = BlockType(1);
 pub const CACHE_TYPE: BlockType = BlockType(2);
+pub const OPEN_TYPE: BlockType = BlockType(3);
+/// Bytes per open-file record.
+pub const OPEN_RECORD: usize = 32;
+/// Blocks of the open-file table.
+const OPEN_BLOCKS: u64 = 4;
+/// Open-file record flag: the file's last name is gone, the server keeps it as an orphan.
+const ORPHANED: u32 = 1;
 const SUPER_SIZE: usize = 64;
 pub const RECORD: usize = 128;
 const MAX_BUCKETS: u64 = 256;
 
 /// Ranked first: the xid counter in the superblock.
 pub const XID_LOCK: LockId = LockId(0x534e_4653_0000_0000);
-const BUCKET_LOCK_BASE: u64 = 0x534e_4653_0000_0001;
+/// Then the open-file table's blocks, ascending.
+const OPEN_LOCK_BASE: u64 = 0x534e_4653_1000_0000;
+/// Then the attribute cache's buckets, ascending.
+const BUCKET_LOCK_BASE: u64 = 0x534e_4653_2000_0000;
 
 /// The kinds a cache record's mode may have.
 const KINDS: [u32; 7] = [
@@ -169,9 +179,14 @@ struct Super {
     first: u64,
     session: u64,
     xid: u64,
+    /// The open-file table: OPEN_BLOCKS blocks right after the buckets.
+    nopen: u64,
 }
 
 impl Super {
+    fn open_first(&self) -> u64 {
+        self.first + self.nbuckets
+    }
     fn encode(&self) -> [u8; SUPER_SIZE] {
         let mut b = [0u8; SUPER_SIZE];
         put_u64(&mut b, 0, SUPER_MAGIC);
@@ -181,13 +196,17 @@ impl Super {
         put_u64(&mut b, 24, self.first);
         put_u64(&mut b, 32, self.session);
         put_u64(&mut b, 40, self.xid);
+        put_u64(&mut b, 48, self.nopen);
         let c = crc32c::crc32c(&b[..56]);
         put_u32(&mut b, 56, c);
         b
     }
     fn decode(b: &[u8; SUPER_SIZE]) -> Result<Super, String> {
         if get_u64(b, 0) != SUPER_MAGIC {
-            return Err(format!("superblock magic {:#x} is not SNFS's", get_u64(b, 0)));
+            return Err(format!(
+                "superblock magic {:#x} is not SNFS's",
+                get_u64(b, 0)
+            ));
         }
         if get_u32(b, 8) != SUPER_VERSION {
             return Err(format!("superblock version {}", get_u32(b, 8)));
@@ -201,8 +220,9 @@ impl Super {
             first: get_u64(b, 24),
             session: get_u64(b, 32),
             xid: get_u64(b, 40),
+            nopen: get_u64(b, 48),
         };
-        if s.nbuckets == 0 || s.nbuckets > MAX_BUCKETS || s.first == 0 {
+        if s.nbuckets == 0 || s.nbuckets > MAX_BUCKETS || s.first == 0 || s.nopen == 0 {
             return Err(format!(
                 "superblock geometry: {} buckets from block {}",
                 s.nbuckets, s.first
@@ -301,12 +321,9 @@ struct Locks {
     held: Vec<LockId>,
 }
 
+/// The lock's place in the one global order: XID, open-table blocks, cache buckets.
 fn rank(l: LockId) -> u64 {
-    if l == XID_LOCK {
-        0
-    } else {
-        l.0 - BUCKET_LOCK_BASE + 1
-    }
+    l.0 - XID_LOCK.0
 }
 
 impl Locks {
@@ -490,6 +507,87 @@ impl Snfs {
         Ok(())
     }
 
+    fn open_block_of(&self, ino: u64) -> FsResult<u64> {
+        Ok(hash(ino.rotate_left(17)) % self.sb()?.nopen)
+    }
+
+    fn open_lock(&self, ino: u64) -> FsResult<LockId> {
+        Ok(LockId(OPEN_LOCK_BASE + self.open_block_of(ino)?))
+    }
+
+    /// `ino`'s open-file record: (block, slot, open count, flags); slot of a free record and
+    /// count 0 if it has none. `ENFILE` if it has none and the block is full. Caller holds
+    /// the block's lock.
+    fn open_rec(&self, pm: &mut dyn Pm, ino: u64) -> FsResult<(BlockNo, usize, u32, u32)> {
+        let blk = BlockNo(self.sb()?.open_first() + self.open_block_of(ino)?);
+        let mut buf = vec![0u8; pm.block_size()];
+        pm.bread(blk, 0, &mut buf)?;
+        let mut free = None;
+        for (i, r) in buf.chunks_exact(OPEN_RECORD).enumerate() {
+            match get_u64(r, 0) {
+                0 => {
+                    free.get_or_insert(i);
+                }
+                x if x == ino => {
+                    if crc32c::crc32c(&r[..28]) != get_u32(r, 28) || get_u32(r, 8) == 0 {
+                        tracing::warn!("snfs open table: record of ino {ino} is corrupt");
+                        return Err(Errno::EUCLEAN);
+                    }
+                    return Ok((blk, i, get_u32(r, 8), get_u32(r, 12)));
+                }
+                _ => {}
+            }
+        }
+        Ok((blk, free.ok_or(Errno(libc::ENFILE))?, 0, 0))
+    }
+
+    fn put_open_rec(
+        pm: &mut dyn Pm,
+        blk: BlockNo,
+        slot: usize,
+        ino: u64,
+        count: u32,
+        flags: u32,
+    ) -> FsResult<()> {
+        let mut r = [0u8; OPEN_RECORD];
+        if count > 0 {
+            put_u64(&mut r, 0, ino);
+            put_u32(&mut r, 8, count);
+            put_u32(&mut r, 12, flags);
+            let c = crc32c::crc32c(&r[..28]);
+            put_u32(&mut r, 28, c);
+        }
+        pm.bwrite(blk, slot * OPEN_RECORD, &r)
+    }
+
+    /// One more open of `ino` (caller holds its open-table lock).
+    fn opened(&self, pm: &mut dyn Pm, ino: u64) -> FsResult<()> {
+        let (blk, slot, n, flags) = self.open_rec(pm, ino)?;
+        Self::put_open_rec(
+            pm,
+            blk,
+            slot,
+            ino,
+            n.checked_add(1).ok_or(Errno(libc::ENFILE))?,
+            flags,
+        )
+    }
+
+    /// Marks open files that are losing their last name (caller holds their locks); returns
+    /// whether `ino` is open.
+    fn mark_orphan(&self, pm: &mut dyn Pm, ino: u64) -> FsResult<bool> {
+        let (blk, slot, n, flags) = match self.open_rec(pm, ino) {
+            // Not in a full block: not open.
+            Err(Errno(libc::ENFILE)) => return Ok(false),
+            r => r?,
+        };
+        if n == 0 {
+            return Ok(false);
+        }
+        Self::put_open_rec(pm, blk, slot, ino, n, flags | ORPHANED)?;
+        Ok(true)
+    }
+
     /// Runs `f` with a lock set; releases it at the end.
     fn request<T>(
         &mut self,
@@ -525,13 +623,21 @@ impl Snfs {
     /// Calls the server for a non-idempotent operation that answers with the new node's
     /// attributes; caches them and invalidates the parent's.
     fn make(&mut self, pm: &mut dyn Pm, ctx: &Ctx, parent: Ino, op: Op) -> FsResult<Attr> {
+        let opens = matches!(op, Op::Create { .. });
         self.request(pm, |s, pm, l| {
             let xid = s.next_xid(pm, l)?;
             let mut a = match s.rpc(*ctx, Some(xid), op)? {
                 Reply::Attr(a) => a,
                 _ => return Err(Errno::EIO),
             };
-            l.lock_all(pm, s.locks_for(&[a.ino.0, parent.0])?)?;
+            let mut ls = s.locks_for(&[a.ino.0, parent.0])?;
+            if opens {
+                ls.push(s.open_lock(a.ino.0)?);
+            }
+            l.lock_all(pm, ls)?;
+            if opens {
+                s.opened(pm, a.ino.0)?;
+            }
             if pm.site(5) {
                 a.uid = 0;
             }
@@ -541,10 +647,37 @@ impl Snfs {
         })
     }
 
-    /// Unlink, rmdir, rename: refresh the parents, invalidate what went stale.
-    fn change(&mut self, pm: &mut dyn Pm, ctx: &Ctx, op: Op) -> FsResult<()> {
+    /// Unlink, rmdir, rename: refresh the parents, invalidate what went stale. `victim`: the
+    /// (directory, name) whose file loses a name; if that file is open here, the server is
+    /// asked to keep it alive (`keep`/`keep_target`) and its open record is marked orphaned.
+    fn change(
+        &mut self,
+        pm: &mut dyn Pm,
+        ctx: &Ctx,
+        mut op: Op,
+        victim: Option<(Ino, &[u8])>,
+    ) -> FsResult<()> {
         self.request(pm, |s, pm, l| {
             let xid = s.next_xid(pm, l)?;
+            if let Some((dir, name)) = victim {
+                // Which file the name leads to right now (a miss: nothing to keep).
+                let lk = Op::Lookup {
+                    dir: Handle(dir.0),
+                    name: name.to_vec(),
+                };
+                if let Ok(Reply::Attr(v)) = s.rpc(*ctx, None, lk)
+                    && v.kind != FileKind::Dir
+                {
+                    l.lock_all(pm, vec![s.open_lock(v.ino.0)?])?;
+                    if s.mark_orphan(pm, v.ino.0)? {
+                        match &mut op {
+                            Op::Unlink { keep, .. } => *keep = true,
+                            Op::Rename { keep_target, .. } => *keep_target = true,
+                            _ => {}
+                        }
+                    }
+                }
+            }
             let (attrs, stale) = match s.rpc(*ctx, Some(xid), op)? {
                 Reply::Changed(a, st) => (a, st),
                 _ => return Err(Errno::EIO),
@@ -591,7 +724,7 @@ impl Module for Snfs {
             return Err(Errno::EINVAL);
         }
         let nbuckets = buckets_for(pm.nblocks());
-        if nbuckets + 1 > pm.nblocks() {
+        if nbuckets + OPEN_BLOCKS + 1 > pm.nblocks() {
             return Err(Errno::ENOSPC);
         }
         // The superblock must be block 0 (attach finds it there): a fresh store hands out
@@ -604,6 +737,11 @@ impl Module for Snfs {
                 return Err(Errno::EINVAL);
             }
         }
+        for want in nbuckets + 1..=nbuckets + OPEN_BLOCKS {
+            if pm.get_next_blk_typed(OPEN_TYPE)?.0 != want {
+                return Err(Errno::EINVAL);
+            }
+        }
         // Distinguishes this mount's retries from another mount's at the server.
         let t = pm.now();
         let session = hash(ns(t) ^ (u64::from(std::process::id()) << 40)) | 1;
@@ -613,6 +751,7 @@ impl Module for Snfs {
             first: 1,
             session,
             xid: 0,
+            nopen: OPEN_BLOCKS,
         };
         pm.bwrite(BlockNo(0), 0, &s.encode())?;
         self.sb = Some(s);
@@ -625,7 +764,7 @@ impl Module for Snfs {
         // connection (a new one is opened by the first call in this process).
         self.sb = None;
         let s = Self::read_super(pm)?;
-        if s.bs as usize != pm.block_size() || s.first + s.nbuckets > pm.nblocks() {
+        if s.bs as usize != pm.block_size() || s.open_first() + s.nopen > pm.nblocks() {
             return Err(Errno::EUCLEAN);
         }
         self.client.reset(s.session);
@@ -790,8 +929,9 @@ impl Module for Snfs {
         let op = Op::Unlink {
             dir: Handle(parent.0),
             name: name.to_vec(),
+            keep: false,
         };
-        self.change(pm, ctx, op)
+        self.change(pm, ctx, op, Some((parent, name)))
     }
 
     fn rmdir(&mut self, pm: &mut dyn Pm, ctx: &Ctx, parent: Ino, name: &[u8]) -> FsResult<()> {
@@ -799,7 +939,7 @@ impl Module for Snfs {
             dir: Handle(parent.0),
             name: name.to_vec(),
         };
-        self.change(pm, ctx, op)
+        self.change(pm, ctx, op, None)
     }
 
     fn rename(
@@ -818,8 +958,10 @@ impl Module for Snfs {
             newdir: Handle(newparent.0),
             newname: newname.to_vec(),
             flags,
+            keep_target: false,
         };
-        self.change(pm, ctx, op)
+        let victim = (flags & fsapi::RENAME_EXCHANGE == 0).then_some((newparent, newname));
+        self.change(pm, ctx, op, victim)
     }
 
     fn link(
@@ -861,13 +1003,33 @@ impl Module for Snfs {
         }
     }
 
-    fn open(&mut self, _pm: &mut dyn Pm, _ctx: &Ctx, _ino: Ino, _flags: i32) -> FsResult<Fh> {
-        // Stateless handles, like NFSv3: every read and write names the node.
-        Ok(Fh(0))
+    fn open(&mut self, pm: &mut dyn Pm, _ctx: &Ctx, ino: Ino, _flags: i32) -> FsResult<Fh> {
+        // Handles are stateless, like NFSv3 (every read and write names the node); the open
+        // count exists only so an unlinked open file stays alive on the server.
+        self.request(pm, |s, pm, l| {
+            l.lock_all(pm, vec![s.open_lock(ino.0)?])?;
+            s.opened(pm, ino.0)?;
+            Ok(Fh(0))
+        })
     }
 
-    fn release(&mut self, _pm: &mut dyn Pm, _ino: Ino, _fh: Fh) -> FsResult<()> {
-        Ok(())
+    fn release(&mut self, pm: &mut dyn Pm, ino: Ino, _fh: Fh) -> FsResult<()> {
+        self.request(pm, |s, pm, l| {
+            l.lock_all(pm, vec![s.open_lock(ino.0)?])?;
+            let (blk, slot, n, flags) = match s.open_rec(pm, ino.0) {
+                Err(Errno(libc::ENFILE)) => return Ok(()),
+                r => r?,
+            };
+            if n == 0 {
+                // Opened before a remount or by a request that was rolled back: nothing held.
+                return Ok(());
+            }
+            if n == 1 && flags & ORPHANED != 0 {
+                // Idempotent on the server, so a retry after a crash here is harmless.
+                s.rpc(Ctx::default(), None, Op::DropOrphan { h: Handle(ino.0) })?;
+            }
+            Self::put_open_rec(pm, blk, slot, ino.0, n - 1, flags)
+        })
     }
 
     fn readdir(
@@ -931,7 +1093,7 @@ impl Module for Snfs {
                 return Ok(out);
             }
         };
-        if s.bs as usize != pm.block_size() || s.first + s.nbuckets > pm.nblocks() {
+        if s.bs as usize != pm.block_size() || s.open_first() + s.nopen > pm.nblocks() {
             out.push(format!(
                 "superblock geometry ({} buckets from block {}, block size {}) does not fit the store",
                 s.nbuckets, s.first, s.bs
@@ -960,6 +1122,29 @@ impl Module for Snfs {
                         }
                     }
                     Err(e) => out.push(format!("bucket {b} slot {i}: {e}")),
+                }
+            }
+        }
+        for b in 0..s.nopen {
+            pm.bread(BlockNo(s.open_first() + b), 0, &mut buf)?;
+            for (i, r) in buf.chunks_exact(OPEN_RECORD).enumerate() {
+                let ino = get_u64(r, 0);
+                if ino == 0 {
+                    continue;
+                }
+                if crc32c::crc32c(&r[..28]) != get_u32(r, 28) {
+                    out.push(format!("open table block {b} slot {i}: checksum mismatch"));
+                } else if get_u32(r, 8) == 0 || get_u32(r, 12) & !ORPHANED != 0 {
+                    out.push(format!(
+                        "open table block {b} slot {i}: ino {ino} has count {} flags {:#x}",
+                        get_u32(r, 8),
+                        get_u32(r, 12)
+                    ));
+                }
+                if hash(ino.rotate_left(17)) % s.nopen != b {
+                    out.push(format!(
+                        "open table block {b} slot {i}: ino {ino} in the wrong block"
+                    ));
                 }
             }
         }
@@ -1031,6 +1216,28 @@ impl Module for Snfs {
                         width: 8,
                         min: 0,
                         max: i64::MAX as u64,
+                    },
+                ],
+            },
+            Layout {
+                ty: OPEN_TYPE,
+                name: "snfs open-file record",
+                record: OPEN_RECORD,
+                live: Some((0, 8)),
+                checks: vec![
+                    Check::Range {
+                        field: "open count",
+                        off: 8,
+                        width: 4,
+                        min: 1,
+                        max: u64::from(u32::MAX),
+                    },
+                    Check::OneOf {
+                        field: "flags",
+                        off: 12,
+                        width: 4,
+                        mask: u64::from(u32::MAX),
+                        values: vec![0, u64::from(ORPHANED)],
                     },
                 ],
             },

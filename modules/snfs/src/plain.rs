@@ -5,6 +5,7 @@
 //! [`serve`] mounts and serves in the calling thread until the file system is unmounted;
 //! `kintsugi __snfs-plain --server HOST:PORT MOUNTPOINT` runs it.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -28,6 +29,9 @@ const TTL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct PlainSnfs {
     client: Mutex<Client>,
+    /// Open counts and "unlinked while open" per node, so such a file stays alive on the
+    /// server until its last close (the module keeps the same in the host's store).
+    opens: Mutex<HashMap<u64, (u32, bool)>>,
 }
 
 fn ts_to_system(t: Timespec) -> SystemTime {
@@ -103,6 +107,7 @@ impl PlainSnfs {
         let session = u64::from(std::process::id()) << 32 | 0x504c;
         PlainSnfs {
             client: Mutex::new(Client::new(server, session)),
+            opens: Mutex::new(HashMap::new()),
         }
     }
 
@@ -123,6 +128,46 @@ impl PlainSnfs {
             Ok(Reply::Attr(a)) => reply.entry(&TTL, &fattr(&a), Generation(a.generation)),
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(e),
+        }
+    }
+
+    fn opened(&self, ino: u64) {
+        self.opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ino)
+            .or_default()
+            .0 += 1;
+    }
+
+    /// Whether the file `name` in `dir` leads to is open (then marked orphaned).
+    fn keep(&self, ctx: Ctx, dir: INodeNo, name: &OsStr) -> bool {
+        if self
+            .opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return false;
+        }
+        let op = Op::Lookup {
+            dir: Handle(dir.0),
+            name: name.as_bytes().to_vec(),
+        };
+        let Ok(Reply::Attr(a)) = self.call(ctx, op) else {
+            return false;
+        };
+        match self
+            .opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&a.ino.0)
+        {
+            Some(e) if a.kind != FileKind::Dir => {
+                e.1 = true;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -247,6 +292,7 @@ impl Filesystem for PlainSnfs {
         let op = Op::Unlink {
             dir: Handle(parent.0),
             name: name.as_bytes().to_vec(),
+            keep: self.keep(ctx(req), parent, name),
         };
         self.empty(ctx(req), op, reply);
     }
@@ -291,6 +337,8 @@ impl Filesystem for PlainSnfs {
             newdir: Handle(newparent.0),
             newname: newname.as_bytes().to_vec(),
             flags: flags.bits(),
+            keep_target: flags.bits() & fsapi::RENAME_EXCHANGE == 0
+                && self.keep(ctx(req), newparent, newname),
         };
         self.empty(ctx(req), op, reply);
     }
@@ -311,8 +359,36 @@ impl Filesystem for PlainSnfs {
         self.entry(ctx(req), op, reply);
     }
 
-    fn open(&self, _req: &fuser::Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &fuser::Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.opened(ino.0);
         reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn release(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let drop_it = {
+            let mut o = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+            match o.get_mut(&ino.0) {
+                Some(e) if e.0 > 1 => {
+                    e.0 -= 1;
+                    false
+                }
+                Some(_) => o.remove(&ino.0).is_some_and(|e| e.1),
+                None => false,
+            }
+        };
+        if drop_it {
+            let _ = self.call(ctx(req), Op::DropOrphan { h: Handle(ino.0) });
+        }
+        reply.ok();
     }
 
     fn read(
@@ -447,13 +523,16 @@ impl Filesystem for PlainSnfs {
             umask,
         };
         match self.call(ctx(req), op) {
-            Ok(Reply::Attr(a)) => reply.created(
-                &TTL,
-                &fattr(&a),
-                Generation(a.generation),
-                FileHandle(0),
-                FopenFlags::empty(),
-            ),
+            Ok(Reply::Attr(a)) => {
+                self.opened(a.ino.0);
+                reply.created(
+                    &TTL,
+                    &fattr(&a),
+                    Generation(a.generation),
+                    FileHandle(0),
+                    FopenFlags::empty(),
+                )
+            }
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(e),
         }

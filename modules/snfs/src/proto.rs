@@ -46,7 +46,9 @@ pub enum ProtoError {
     Kind(u16, u16),
     #[error("frame payload of {0} bytes exceeds the limit of {MAX_PAYLOAD}: corrupt length")]
     TooLong(usize),
-    #[error("frame checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupted in transit")]
+    #[error(
+        "frame checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupted in transit"
+    )]
     Checksum { stored: u32, computed: u32 },
     #[error("frame payload does not decode: {0}")]
     Decode(String),
@@ -119,10 +121,13 @@ pub enum Op {
         mode: u32,
         umask: u32,
     },
+    /// `keep`: the client still has the file open; the server keeps the inode alive under
+    /// the orphan directory until [`Op::DropOrphan`] (NFS's "silly rename", done server-side).
     Unlink {
         dir: Handle,
         #[serde(with = "serde_bytes")]
         name: Vec<u8>,
+        keep: bool,
     },
     Rmdir {
         dir: Handle,
@@ -137,6 +142,8 @@ pub enum Op {
         #[serde(with = "serde_bytes")]
         newname: Vec<u8>,
         flags: u32,
+        /// The replaced target is open at the client: keep its inode alive (see `Unlink`).
+        keep_target: bool,
     },
     Link {
         h: Handle,
@@ -161,6 +168,10 @@ pub enum Op {
         max: u32,
     },
     Statfs,
+    /// The last open of an unlinked file was closed: its inode may go. Idempotent.
+    DropOrphan {
+        h: Handle,
+    },
     Fsync {
         h: Handle,
         datasync: bool,
@@ -191,7 +202,10 @@ pub enum Reply {
     Ok,
     Attr(Attr),
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
-    Written { n: u32, attr: Attr },
+    Written {
+        n: u32,
+        attr: Attr,
+    },
     /// Unlink/rmdir/rename: the new attributes of the parent directories, and the nodes whose
     /// cached attributes are now wrong (moved, unlinked or replaced).
     Changed(Vec<Attr>, Vec<u64>),

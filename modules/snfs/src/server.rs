@@ -15,9 +15,10 @@
 //! inode is nowhere (deleted) answers `ESTALE`.
 //!
 //! **Duplicate requests.** Calls that are not idempotent carry an xid; the last
-//! [`DRC_PER_SESSION`] replies per client session are kept, and a repeated xid gets the first
-//! reply back instead of running again (a client context that died after the server did the
-//! work retries with the same xid: see the crate docs).
+//! [`DRC_PER_SESSION`] successful replies per client session are kept, and a repeat of the
+//! same operation with the same xid gets the first reply back instead of running again (a
+//! client context that died after the server did the work retries with the same xid: see the
+//! crate docs).
 //!
 //! Requests are executed one at a time under one mutex: the table, the duplicate cache and
 //! the file-system operation change together, so a rename and a path resolution never race.
@@ -41,6 +42,8 @@ pub const DRC_PER_SESSION: usize = 128;
 /// A rescan looks at no more entries than this before giving up (`ESTALE`).
 const RESCAN_LIMIT: usize = 1_000_000;
 const NAME_MAX: usize = 255;
+/// Where unlinked-but-open files live on (in the export root, hidden from clients).
+pub const ORPHANS: &str = ".snfs-orphans";
 
 /// What can stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +65,8 @@ struct Node {
 #[derive(Debug, Default)]
 struct State {
     nodes: HashMap<u64, Node>,
-    drc: HashMap<u64, VecDeque<(u64, Reply)>>,
+    /// Per session: ((xid, operation fingerprint), reply) of recent successful calls.
+    drc: HashMap<u64, VecDeque<((u64, u32), Reply)>>,
 }
 
 /// One exported directory.
@@ -95,6 +99,11 @@ fn ts(sec: i64, nsec: i64) -> Timespec {
         sec,
         nsec: nsec.clamp(0, 999_999_999) as u32,
     }
+}
+
+/// A checksum of the operation, so an xid reused for a different call is not a duplicate.
+fn fingerprint(op: &Op) -> u32 {
+    crc32c::crc32c(&bincode::serialize(op).unwrap_or_default())
 }
 
 fn check_name(name: &[u8]) -> Result<&OsStr, Errno> {
@@ -165,6 +174,25 @@ impl Export {
         }
     }
 
+    /// Attributes as the client should see them: a file kept alive only by its orphan-directory
+    /// name has no link left (`fstat` after `unlink` says 0).
+    fn attr_at(&self, p: &Path, md: &Metadata) -> Attr {
+        let mut a = self.attr(md);
+        if p.parent() == Some(&self.root.join(ORPHANS)) {
+            a.nlink = a.nlink.saturating_sub(1);
+        }
+        a
+    }
+
+    /// Makes the export the working directory and names every path relative to it: the
+    /// server's paths are then no longer than the client's (an absolute export prefix would
+    /// push a path near PATH_MAX over it). Process-wide, so only for a dedicated server.
+    pub fn enter(&mut self) -> std::io::Result<()> {
+        std::env::set_current_dir(&self.root)?;
+        self.root = PathBuf::from(".");
+        Ok(())
+    }
+
     fn lstat(&self, p: &Path) -> Result<Metadata, Errno> {
         let md = std::fs::symlink_metadata(p).map_err(|e| errno(&e))?;
         if md.dev() != self.dev {
@@ -226,7 +254,10 @@ impl Export {
 
     /// Breadth-first walk of the export recording names, until `want` is found.
     fn rescan(&self, st: &mut State, want: u64) -> bool {
-        tracing::debug!(node = want, "handle not at its recorded name: rescanning the export");
+        tracing::debug!(
+            node = want,
+            "handle not at its recorded name: rescanning the export"
+        );
         let mut queue = VecDeque::from([(1u64, self.root.clone())]);
         let mut seen = 0usize;
         while let Some((dino, dpath)) = queue.pop_front() {
@@ -296,28 +327,49 @@ impl Export {
     /// Runs one call (with duplicate detection for non-idempotent ones).
     pub fn handle(&self, session: u64, call: &Call) -> Reply {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(x) = call.xid
+        // A duplicate is the same xid *and* the same operation: the client's xid counter is
+        // host data, rolled back with a failed request, so a later different call can reuse
+        // an xid.
+        let key = call.xid.map(|x| (x, fingerprint(&call.op)));
+        if let Some(k) = key
             && let Some((_, r)) = st
                 .drc
                 .get(&session)
-                .and_then(|q| q.iter().find(|(id, _)| *id == x))
+                .and_then(|q| q.iter().find(|(id, _)| *id == k))
         {
-            tracing::debug!(session, xid = x, "duplicate request: answering the saved reply");
+            tracing::debug!(
+                session,
+                xid = k.0,
+                "duplicate request: answering the saved reply"
+            );
             return r.clone();
         }
         let r = self.exec(&mut st, call).unwrap_or_else(|e| Reply::Err(e.0));
-        if let Some(x) = call.xid {
+        // Only successes: a failed call changed nothing, so running it again is safe, and a
+        // saved error could wrongly answer a later identical call that would now succeed.
+        if let Some(k) = key
+            && !matches!(r, Reply::Err(_))
+        {
             let q = st.drc.entry(session).or_default();
             if q.len() >= DRC_PER_SESSION {
                 q.pop_front();
             }
-            q.push_back((x, r.clone()));
+            q.push_back((k, r.clone()));
         }
         r
     }
 
-    fn child(&self, st: &mut State, dir: Handle, name: &[u8]) -> Result<(PathBuf, Metadata), Errno> {
+    fn child(
+        &self,
+        st: &mut State,
+        dir: Handle,
+        name: &[u8],
+    ) -> Result<(PathBuf, Metadata), Errno> {
         let n = check_name(name)?;
+        if dir.0 == 1 && name == ORPHANS.as_bytes() {
+            // Not a client's name: lookups miss it, creating it is refused.
+            return Err(Errno::EACCES);
+        }
         let (dp, dmd) = self.path(st, dir)?;
         if !dmd.is_dir() {
             return Err(Errno::ENOTDIR);
@@ -330,16 +382,22 @@ impl Export {
         Ok(match &call.op {
             Op::Hello { .. } => Reply::Ok,
             Op::Lookup { dir, name } => {
+                if dir.0 == 1 && name == ORPHANS.as_bytes() {
+                    return Err(Errno::ENOENT);
+                }
                 let (p, _) = self.child(st, *dir, name)?;
                 let md = self.lstat(&p)?;
                 self.remember(st, &md, dir.0, name);
                 Reply::Attr(self.attr(&md))
             }
-            Op::Getattr { h } => Reply::Attr(self.attr(&self.path(st, *h)?.1)),
+            Op::Getattr { h } => {
+                let (p, md) = self.path(st, *h)?;
+                Reply::Attr(self.attr_at(&p, &md))
+            }
             Op::Setattr { h, set } => {
                 let (p, md) = self.path(st, *h)?;
                 self.setattr(&p, &md, set)?;
-                Reply::Attr(self.attr(&self.lstat(&p)?))
+                Reply::Attr(self.attr_at(&p, &self.lstat(&p)?))
             }
             Op::Read { h, off, len } => {
                 let (p, _) = self.path(st, *h)?;
@@ -367,7 +425,7 @@ impl Export {
                 let md = f.metadata().map_err(|e| errno(&e))?;
                 Reply::Written {
                     n: data.len() as u32,
-                    attr: self.attr(&md),
+                    attr: self.attr_at(&p, &md),
                 }
             }
             Op::Create {
@@ -425,7 +483,7 @@ impl Export {
                 std::os::unix::fs::symlink(OsStr::from_bytes(target), &p).map_err(|e| errno(&e))?;
                 self.finish_create(st, &p, &dmd, dir.0, name, ctx, None)?
             }
-            Op::Unlink { dir, name } | Op::Rmdir { dir, name } => {
+            Op::Unlink { dir, name, .. } | Op::Rmdir { dir, name } => {
                 let (p, _) = self.child(st, *dir, name)?;
                 let md = self.lstat(&p)?;
                 let r = if matches!(call.op, Op::Rmdir { .. }) {
@@ -433,6 +491,9 @@ impl Export {
                 } else if md.is_dir() {
                     return Err(Errno::EISDIR);
                 } else {
+                    if matches!(call.op, Op::Unlink { keep: true, .. }) {
+                        self.keep_alive(st, &p, &md)?;
+                    }
                     std::fs::remove_file(&p)
                 };
                 r.map_err(|e| errno(&e))?;
@@ -453,11 +514,19 @@ impl Export {
                 newdir,
                 newname,
                 flags,
+                keep_target,
             } => {
                 let (from, _) = self.child(st, *dir, name)?;
                 let (to, _) = self.child(st, *newdir, newname)?;
                 let moved = self.lstat(&from)?;
                 let target = self.lstat(&to).ok();
+                if *keep_target
+                    && *flags & fsapi::RENAME_EXCHANGE == 0
+                    && let Some(t) = &target
+                    && moved.ino() != t.ino()
+                {
+                    self.keep_alive(st, &to, t)?;
+                }
                 rustix::fs::renameat_with(
                     rustix::fs::CWD,
                     &from,
@@ -500,7 +569,11 @@ impl Export {
                 let t = std::fs::read_link(&p).map_err(|e| errno(&e))?;
                 Reply::Data(t.into_os_string().into_encoded_bytes())
             }
-            Op::Readdir { h, cookie: from, max } => self.readdir(st, *h, *from, *max)?,
+            Op::Readdir {
+                h,
+                cookie: from,
+                max,
+            } => self.readdir(st, *h, *from, *max)?,
             Op::Statfs => {
                 let s = rustix::fs::statvfs(&self.root).map_err(rerr)?;
                 Reply::StatFs(StatFs {
@@ -512,6 +585,24 @@ impl Export {
                     bsize: s.f_bsize as u32,
                     namelen: s.f_namemax as u32,
                 })
+            }
+            Op::DropOrphan { h } => {
+                let p = self.root.join(ORPHANS).join(h.0.to_string());
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {
+                        if st
+                            .nodes
+                            .get(&h.0)
+                            .is_some_and(|n| n.parent != 1 && n.name == h.0.to_string().as_bytes())
+                        {
+                            st.nodes.remove(&h.0);
+                        }
+                    }
+                    // Already gone (a retried call): done.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(errno(&e)),
+                }
+                Reply::Ok
             }
             Op::Fsync { h, datasync } => {
                 let (p, _) = self.path(st, *h)?;
@@ -525,6 +616,45 @@ impl Export {
                 Reply::Ok
             }
         })
+    }
+
+    /// Gives a file about to lose its last name one more, in the orphan directory, so the
+    /// client's open file keeps working; [`Op::DropOrphan`] removes it.
+    fn keep_alive(&self, st: &mut State, p: &Path, md: &Metadata) -> Result<(), Errno> {
+        if md.is_dir() || md.nlink() > 1 {
+            return Ok(());
+        }
+        let dir = self.root.join(ORPHANS);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(errno(&e)),
+        }
+        let ino = self.node_no(md.ino());
+        let to = dir.join(ino.to_string());
+        match std::fs::hard_link(p, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(errno(&e)),
+        }
+        let dino = self.node_no(self.lstat(&dir)?.ino());
+        st.nodes.insert(
+            dino,
+            Node {
+                parent: 1,
+                name: ORPHANS.as_bytes().to_vec(),
+                birth: 0,
+            },
+        );
+        st.nodes.insert(
+            ino,
+            Node {
+                parent: dino,
+                name: ino.to_string().into_bytes(),
+                birth: gen_of(md),
+            },
+        );
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -632,6 +762,9 @@ impl Export {
         ];
         for e in std::fs::read_dir(&p).map_err(|e| errno(&e))?.flatten() {
             let name = e.file_name().as_bytes().to_vec();
+            if h.0 == 1 && name == ORPHANS.as_bytes() {
+                continue;
+            }
             let ino = self.node_no(std::os::unix::fs::DirEntryExt::ino(&e));
             let kind = match e.file_type() {
                 Ok(t) if t.is_dir() => FileKind::Dir,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use fsapi::mem::MemPm;
 
 use super::*;
-use fsapi::RENAME_NOREPLACE;
 use crate::server::Export;
+use fsapi::RENAME_NOREPLACE;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -44,12 +44,12 @@ fn mounted(f: &Fixture) -> (Snfs, MemPm) {
 fn operations_reach_the_export_and_the_cache_stays_consistent() {
     let f = server();
     let (mut m, mut pm) = mounted(&f);
-    let d = m.mkdir(&mut pm, &ctx(), Ino::ROOT, b"d", 0o755, 0o022).unwrap();
+    let d = m
+        .mkdir(&mut pm, &ctx(), Ino::ROOT, b"d", 0o755, 0o022)
+        .unwrap();
     assert_eq!(d.kind, FileKind::Dir);
     assert!(f.dir.path().join("d").is_dir());
-    let (a, fh) = m
-        .create(&mut pm, &ctx(), d.ino, b"f", 0o644, 0, 0)
-        .unwrap();
+    let (a, fh) = m.create(&mut pm, &ctx(), d.ino, b"f", 0o644, 0, 0).unwrap();
     assert_eq!(m.write(&mut pm, a.ino, fh, 0, b"hello").unwrap(), 5);
     assert_eq!(std::fs::read(f.dir.path().join("d/f")).unwrap(), b"hello");
     // Served from the cache: the size written is there without asking the server.
@@ -57,9 +57,20 @@ fn operations_reach_the_export_and_the_cache_stays_consistent() {
     assert_eq!(m.read(&mut pm, a.ino, fh, 1, 100).unwrap(), b"ello");
     m.rename(&mut pm, &ctx(), d.ino, b"f", Ino::ROOT, b"g", 0)
         .unwrap();
-    assert_eq!(m.lookup(&mut pm, &ctx(), Ino::ROOT, b"g").unwrap().ino, a.ino);
     assert_eq!(
-        m.rename(&mut pm, &ctx(), Ino::ROOT, b"g", Ino::ROOT, b"d", RENAME_NOREPLACE),
+        m.lookup(&mut pm, &ctx(), Ino::ROOT, b"g").unwrap().ino,
+        a.ino
+    );
+    assert_eq!(
+        m.rename(
+            &mut pm,
+            &ctx(),
+            Ino::ROOT,
+            b"g",
+            Ino::ROOT,
+            b"d",
+            RENAME_NOREPLACE
+        ),
         Err(Errno::EEXIST)
     );
     let names: Vec<Vec<u8>> = m
@@ -69,6 +80,7 @@ fn operations_reach_the_export_and_the_cache_stays_consistent() {
         .map(|e| e.name)
         .collect();
     assert!(names.contains(&b"g".to_vec()) && names.contains(&b"..".to_vec()));
+    m.release(&mut pm, a.ino, fh).unwrap();
     m.unlink(&mut pm, &ctx(), Ino::ROOT, b"g").unwrap();
     assert_eq!(m.getattr(&mut pm, a.ino), Err(Errno(libc::ESTALE)));
     assert_eq!(m.fsck(&mut pm).unwrap(), Vec::<String>::new());
@@ -93,6 +105,33 @@ fn a_retried_call_with_the_same_xid_is_answered_not_redone() {
     assert!(matches!(ex.handle(9, &call), Reply::Attr(_)));
     // Another session, or a fresh xid, really runs again.
     assert!(matches!(ex.handle(10, &call), Reply::Err(libc::EEXIST)));
+    // A failure is not remembered (it changed nothing), and the same xid with another
+    // operation (the client's counter was rolled back with a failed request) really runs.
+    let rm = Call {
+        xid: Some(2),
+        ctx: ctx(),
+        op: Op::Rmdir {
+            dir: Handle(1),
+            name: b"nothere".to_vec(),
+        },
+    };
+    assert!(matches!(ex.handle(9, &rm), Reply::Err(libc::ENOENT)));
+    let mk = Call {
+        xid: Some(2),
+        ..call.clone()
+    };
+    let Op::Mkdir { .. } = mk.op else { panic!() };
+    let mk2 = Call {
+        op: Op::Mkdir {
+            dir: Handle(1),
+            name: b"twice".to_vec(),
+            mode: 0o755,
+            umask: 0,
+        },
+        ..mk
+    };
+    assert!(matches!(ex.handle(9, &mk2), Reply::Attr(_)));
+    assert!(f.dir.path().join("twice").is_dir());
 }
 
 #[test]
@@ -130,10 +169,45 @@ fn attach_rejects_a_foreign_store_and_options_are_checked() {
     let mut pm = MemPm::new(4096, 64);
     let mut m = Snfs::new("127.0.0.1:1");
     assert_eq!(m.attach(&mut pm), Err(Errno::EUCLEAN));
-    assert!(Snfs::from_opts("").unwrap_err().contains("server=HOST:PORT"));
-    assert!(Snfs::from_opts("serverx=1").unwrap_err().contains("unknown option"));
+    assert!(
+        Snfs::from_opts("")
+            .unwrap_err()
+            .contains("server=HOST:PORT")
+    );
+    assert!(
+        Snfs::from_opts("serverx=1")
+            .unwrap_err()
+            .contains("unknown option")
+    );
     assert_eq!(
         Snfs::from_opts("server=h:1").unwrap().client.server(),
         "h:1"
     );
+}
+
+#[test]
+fn an_unlinked_open_file_lives_until_its_last_release() {
+    let f = server();
+    let (mut m, mut pm) = mounted(&f);
+    let (a, fh) = m
+        .create(&mut pm, &ctx(), Ino::ROOT, b"f", 0o644, 0, 0)
+        .unwrap();
+    m.write(&mut pm, a.ino, fh, 0, b"still here").unwrap();
+    let fh2 = m.open(&mut pm, &ctx(), a.ino, 0).unwrap();
+    m.unlink(&mut pm, &ctx(), Ino::ROOT, b"f").unwrap();
+    assert!(!f.dir.path().join("f").exists());
+    assert_eq!(m.read(&mut pm, a.ino, fh, 0, 100).unwrap(), b"still here");
+    // Hidden from the client's view of the root.
+    assert_eq!(
+        m.lookup(&mut pm, &ctx(), Ino::ROOT, server::ORPHANS.as_bytes()),
+        Err(Errno::ENOENT)
+    );
+    assert!(m.readdir(&mut pm, Ino::ROOT, 0, 100).unwrap().len() == 2);
+    m.release(&mut pm, a.ino, fh).unwrap();
+    assert_eq!(m.read(&mut pm, a.ino, fh2, 6, 100).unwrap(), b"here");
+    m.release(&mut pm, a.ino, fh2).unwrap();
+    let orphans = f.dir.path().join(server::ORPHANS);
+    assert_eq!(std::fs::read_dir(&orphans).unwrap().count(), 0);
+    assert_eq!(m.fsck(&mut pm).unwrap(), Vec::<String>::new());
+    assert_eq!(pm.held_locks(), 0);
 }

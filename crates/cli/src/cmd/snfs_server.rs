@@ -39,7 +39,11 @@ fn on_stop_signal(on_signal: impl FnOnce(i32) + Send + 'static) -> anyhow::Resul
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let export = Arc::new(snfs::server::Export::new(&a.export)?);
+    let mut export = snfs::server::Export::new(&a.export)?;
+    export
+        .enter()
+        .with_context(|| format!("cannot enter the export {}", a.export.display()))?;
+    let export = Arc::new(export);
     let listener = TcpListener::bind(&a.listen).with_context(|| {
         format!(
             "cannot listen on {}: give a free HOST:PORT this host owns",

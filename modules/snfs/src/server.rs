@@ -62,11 +62,14 @@ struct Node {
     birth: u64,
 }
 
+/// (xid, operation fingerprint).
+type DrcKey = (u64, u32);
+
 #[derive(Debug, Default)]
 struct State {
     nodes: HashMap<u64, Node>,
     /// Per session: ((xid, operation fingerprint), reply) of recent successful calls.
-    drc: HashMap<u64, VecDeque<((u64, u32), Reply)>>,
+    drc: HashMap<u64, VecDeque<(DrcKey, Reply)>>,
 }
 
 /// One exported directory.
@@ -718,7 +721,7 @@ impl Export {
                 },
                 Some(TimeSet::At(t)) => rustix::fs::Timespec {
                     tv_sec: t.sec,
-                    tv_nsec: i64::from(t.nsec).into(),
+                    tv_nsec: i64::from(t.nsec),
                 },
             };
             let times = rustix::fs::Timestamps {

@@ -43,9 +43,14 @@
 //!
 //! # Self-checks and fault sites
 //!
-//! Every record and the superblock carry a crc32c and are checked on read (magic, version,
-//! geometry, kind, the record sits in its ino's bucket): an inconsistency answers `EUCLEAN`.
-//! [`Module::fsck`] checks the whole table. [`SITES`] lists the fault sites.
+//! The superblock and the open-file records carry a crc32c and are checked on every read
+//! (magic, version, geometry, count): an inconsistency answers `EUCLEAN`, a module fault for
+//! the host. A cache record that fails its checks (crc32c, kind, an expiry more than one TTL
+//! ahead) is treated as a miss and overwritten by the refetched attributes: the cache is
+//! rebuildable, whereas answering `EUCLEAN` would fail every later request for that node,
+//! since the bad record is committed host data. [`Module::fsck`] checks the whole structure
+//! (and so still reports bad records until they are refetched). [`SITES`] lists the fault
+//! sites.
 #![forbid(unsafe_code)]
 
 pub mod client;
@@ -433,7 +438,12 @@ impl Snfs {
         Ok(buf)
     }
 
-    /// The fresh cached attributes of `ino` (caller holds its bucket lock).
+    /// The fresh cached attributes of `ino` (caller holds its bucket lock). A record that
+    /// fails its checks (checksum, kind, an expiry further out than one TTL) is a miss: the
+    /// cache can always be refilled from the server, and the caller's store overwrites the
+    /// bad record in place. Failing the request instead (`EUCLEAN`) would fail every later
+    /// request for that node too, since the bad record is committed host data. `fsck` still
+    /// reports such records.
     fn cached(&self, pm: &mut dyn Pm, ino: u64) -> FsResult<Option<Attr>> {
         let b = self.bucket_of(ino)?;
         let buf = self.read_bucket(pm, b)?;
@@ -443,12 +453,18 @@ impl Snfs {
             if get_u64(chunk, 0) != ino {
                 continue;
             }
-            let r = Rec::decode(chunk)
-                .map_err(|e| {
-                    tracing::warn!("snfs cache: {e}");
-                    Errno::EUCLEAN
-                })?
-                .ok_or(Errno::EUCLEAN)?;
+            let r = match Rec::decode(chunk) {
+                Ok(Some(r)) if r.expiry <= now.saturating_add(ATTR_TTL_NS) => r,
+                Ok(Some(_)) => {
+                    tracing::warn!("snfs cache: record of ino {ino} expires too late; refetching");
+                    return Ok(None);
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    tracing::warn!("snfs cache: {e}; refetching");
+                    return Ok(None);
+                }
+            };
             if r.expiry > now || pm.site(3) {
                 return Ok(Some(r.attr));
             }

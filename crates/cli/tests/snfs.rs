@@ -436,3 +436,51 @@ fn mount_options_get_clear_errors() {
     assert!(!out.status.success() && e.contains("--export"), "{e}");
     let _ = std::fs::remove_dir(&d);
 }
+
+/// The benchmark baseline (`kintsugi __snfs-plain`): the same server behind a bare fuser
+/// client serves the same files; unmounting ends it.
+#[test]
+fn the_plain_baseline_serves_the_same_export() {
+    let base = fresh_dir("snfs-plain");
+    let export = base.join("export");
+    std::fs::create_dir(&export).unwrap();
+    std::fs::write(export.join("pre"), b"from the server").unwrap();
+    let server = Server::start(None, "127.0.0.1:0", &export, &base.join("server.log"));
+    let mnt = base.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    struct Plain(Child, PathBuf);
+    impl Drop for Plain {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.1).status();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = bin()
+        .args(["__snfs-plain", "--server", &server.addr])
+        .arg(&mnt)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(base.join("plain.log")).unwrap())
+        .spawn()
+        .expect("start __snfs-plain");
+    let mut plain = Plain(child, mnt.clone());
+    assert!(
+        testkit::wait_until(Duration::from_secs(10), || mnt.join("pre").exists()),
+        "the baseline never served the export"
+    );
+    assert_eq!(std::fs::read(mnt.join("pre")).unwrap(), b"from the server");
+    let data = pattern(31, 200_000);
+    write_acked(&mnt.join("new"), &data);
+    assert_eq!(std::fs::read(export.join("new")).unwrap(), data);
+    std::fs::rename(mnt.join("new"), mnt.join("renamed")).unwrap();
+    assert_eq!(names(&mnt), ["pre", "renamed"]);
+    let out = Command::new("umount").arg(&mnt).output().unwrap();
+    assert!(out.status.success(), "umount: {out:?}");
+    let ended = testkit::wait_until(Duration::from_secs(5), || {
+        matches!(plain.0.try_wait(), Ok(Some(_)))
+    });
+    assert!(ended, "__snfs-plain did not end after its unmount");
+    drop(plain);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&base);
+}

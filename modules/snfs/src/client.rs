@@ -14,7 +14,7 @@ use fsapi::{Ctx, Errno, FsResult};
 use crate::proto::{self, Call, Op, Reply};
 
 /// How long a call keeps trying to reach the server before answering `EIO`.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
 /// A server that does not answer a call within this is treated as gone.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -93,7 +93,7 @@ impl Client {
     }
 
     /// Sends one call and returns the server's reply (an errno reply becomes `Err`). A broken
-    /// connection is replaced and the call sent again, for up to [`CONNECT_PATIENCE`]; then
+    /// connection is replaced and the call sent again, for up to 2 s; then
     /// `EIO`. Resending is safe: idempotent calls may run twice, the others carry an xid.
     pub fn call(&mut self, call: &Call) -> FsResult<Reply> {
         let start = Instant::now();

@@ -73,6 +73,20 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM: the server must stop cleanly (exit 0) and say so.
+    fn terminate(&mut self) {
+        let mut c = self.child.take().expect("server running");
+        let pid = sys::Pid::from_raw(c.id() as i32).expect("pid");
+        sys::process::kill(pid, libc::SIGTERM).expect("SIGTERM the server");
+        let st = c.wait().expect("wait for the server");
+        assert!(
+            st.success(),
+            "server on SIGTERM: {st:?}: {}",
+            self.log_text()
+        );
+        assert!(self.log_text().contains("snfs-server stopping"));
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -402,7 +416,8 @@ fn a_corrupt_frame_drops_only_its_connection() {
     });
     assert!(matches!(r, Ok(snfs::proto::Reply::StatFs(_))), "{r:?}");
     drop(m);
-    drop(server);
+    let mut server = server;
+    server.terminate();
     let _ = std::fs::remove_dir_all(&base);
 }
 

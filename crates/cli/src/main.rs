@@ -43,6 +43,9 @@ enum Command {
     Watch(cmd::watch::Args),
     /// Mount a file-system module behind FUSE at a protection level (survives module crashes).
     Mount(cmd::mount::Args),
+    /// Serve a directory to SNFS clients (kintsugi mount --module snfs -o server=ADDR).
+    #[command(name = "snfs-server")]
+    SnfsServer(cmd::snfs_server::Args),
     /// Unmount a kintsugi file system.
     Umount(cmd::umount::Args),
     /// Inspect or crash a mounted file-system module (status, inject-fault, arm-site).
@@ -65,6 +68,10 @@ enum Command {
     /// (internal) one client process of `kintsugi bench inject`'s workload.
     #[command(name = "__inject-client", hide = true)]
     InjectClient(bench::inject::ClientArgs),
+    /// (internal) the SNFS benchmark baseline: the server behind a bare fuser client, in the
+    /// foreground until unmounted (or SIGTERM/SIGINT).
+    #[command(name = "__snfs-plain", hide = true)]
+    SnfsPlain(cmd::snfs_server::PlainArgs),
     /// (internal) the exec'd child of `kintsugi bench rfork`'s fork+exec baseline.
     #[command(name = "__bench-child", hide = true)]
     BenchChild(bench::rfork::ChildArgs),
@@ -78,6 +85,8 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a),
         Command::Watch(a) => cmd::watch::run(a),
         Command::Mount(a) => cmd::mount::run(a),
+        Command::SnfsServer(a) => cmd::snfs_server::run(a),
+        Command::SnfsPlain(a) => cmd::snfs_server::plain(a),
         Command::Umount(a) => cmd::umount::run(a),
         Command::Fsctl(a) => cmd::fsctl::run(a),
         Command::Fsck(a) => cmd::fsck::run(a),

@@ -1,5 +1,6 @@
 //! POSIX conformance: the `pjdfstest` suite (crates.io `pjdfstest`, Rust rewrite) against SMFS
-//! at every level (1–5). Failures must be exactly within the documented list in docs/fs.md
+//! and SNFS (its server on loopback, exporting a fresh directory), each at every level (1–5).
+//! Failures must be exactly within the documented list in docs/fs.md
 //! (`KNOWN`): a new failure fails the test. The suite binary is found via $PJDFSTEST, then
 //! PATH, then ~/.cargo/bin; install it with `cargo install pjdfstest --locked` (needs
 //! libacl1-dev). Needs root and /dev/fuse.
@@ -13,6 +14,8 @@ use fs_common::*;
 
 /// Test cases known to fail on SMFS, with the reason in docs/fs.md ("pjdfstest").
 const KNOWN: &[&str] = &[];
+/// Test cases known to fail on SNFS (docs/snfs.md): none.
+const KNOWN_SNFS: &[&str] = &[];
 
 fn suite() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("PJDFSTEST") {
@@ -40,9 +43,12 @@ fn config() -> PathBuf {
 
 /// Runs the suite on a fresh mount at `level`; returns the names of failed test cases.
 fn failures(level: u8) -> Vec<String> {
+    failures_on(&Mount::new(level, &[]))
+}
+
+fn failures_on(m: &Mount) -> Vec<String> {
     let bin = suite()
         .expect("pjdfstest is not installed: cargo install pjdfstest --locked (needs libacl1-dev)");
-    let m = Mount::new(level, &[]);
     let cfg = config();
     let out = Command::new(&bin)
         .arg("-c")
@@ -64,7 +70,8 @@ fn failures(level: u8) -> Vec<String> {
         .collect()
 }
 
-fn check(level: u8) {
+/// Whether the suite can run here (a missing suite is a failure where CI requires it).
+fn have_suite() -> bool {
     if suite().is_none() {
         // `cargo xtask test` (and so CI) installs the suite and sets this: there, a missing
         // suite is a failure, never a silent pass.
@@ -75,6 +82,13 @@ fn check(level: u8) {
         eprintln!(
             "SKIPPED: pjdfstest not installed (cargo install pjdfstest --locked); see docs/fs.md for the last run"
         );
+        return false;
+    }
+    true
+}
+
+fn check(level: u8) {
+    if !have_suite() {
         return;
     }
     let f = failures(level);
@@ -109,4 +123,54 @@ fn pjdfstest_level2() {
 #[test]
 fn pjdfstest_level1() {
     check(1);
+}
+
+/// SNFS: the server on loopback exports a fresh directory; the mount runs at `level`.
+fn check_snfs(level: u8) {
+    if !have_suite() {
+        return;
+    }
+    let base = fresh_dir("pjd-snfs");
+    let export = base.join("export");
+    std::fs::create_dir(&export).expect("export dir");
+    let server = SnfsServer::start(&export, &base.join("server.log"));
+    let m = Mount::of_module("snfs", level, &["-o", &format!("server={}", server.addr)]);
+    let f = failures_on(&m);
+    drop(m);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&base);
+    let new: Vec<&String> = f
+        .iter()
+        .filter(|n| !KNOWN_SNFS.contains(&n.as_str()))
+        .collect();
+    eprintln!("snfs level {level}: {} failing test cases: {f:?}", f.len());
+    assert!(
+        new.is_empty(),
+        "snfs level {level}: new pjdfstest failures (not in KNOWN_SNFS/docs/snfs.md): {new:?}"
+    );
+}
+
+#[test]
+fn pjdfstest_snfs_level5() {
+    check_snfs(5);
+}
+
+#[test]
+fn pjdfstest_snfs_level4() {
+    check_snfs(4);
+}
+
+#[test]
+fn pjdfstest_snfs_level3() {
+    check_snfs(3);
+}
+
+#[test]
+fn pjdfstest_snfs_level2() {
+    check_snfs(2);
+}
+
+#[test]
+fn pjdfstest_snfs_level1() {
+    check_snfs(1);
 }

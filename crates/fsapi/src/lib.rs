@@ -243,6 +243,11 @@ pub trait Pm {
     fn site(&mut self, _id: u32) -> bool {
         false
     }
+    /// The request is about to change global state the host's store does not hold (a remote
+    /// server's files, for a network file system). From here on a failure of the request is
+    /// not process-local: containment escalates it (roll back, restart, retry — the module's
+    /// own protocol must make the retry safe, e.g. SNFS's xids). Default: nothing to record.
+    fn mark_global(&mut self) {}
     /// GetNextBlk for a block that will hold `ty` records (see [`Layout`]). At levels 1–3 the
     /// protection manager checks every write-back to a typed block against the module's layout
     /// for that type; the default (levels 4–5, unit tests) is a plain [`Pm::get_next_blk`].

@@ -1123,7 +1123,8 @@ fn context_main(
                         if level.duplication() && !mkfs {
                             pm = pm.with_duplication(&layouts);
                         }
-                        if contain && level.duplication() {
+                        if contain {
+                            // Levels 1–3: write-back sets it; every level: `mark_global`.
                             pm = pm.with_global_flag(ring.trap_words(i).0);
                         }
                         let r = execute(module, &mut pm, req);

@@ -48,6 +48,9 @@ pub enum HostError {
     NoDevFuse,
     #[error("unknown module {0:?}: available modules are {1}")]
     UnknownModule(String, String),
+    /// The module factory's own message (unknown module, bad `-o` option).
+    #[error("{0}")]
+    Module(String),
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("cannot create the shared-memory request ring")]

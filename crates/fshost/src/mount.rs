@@ -22,8 +22,10 @@ use crate::pm::Fault;
 use crate::store::Store;
 use crate::wire::OpClass;
 
-/// Makes a module by name (`None`: no such module). The CLI passes the modules it links.
-pub type ModuleFactory = fn(&str) -> Option<Box<dyn Module>>;
+/// Makes a module from its name and its options (`-o`, comma-separated, possibly empty). The
+/// CLI passes the modules it links. The error is the whole message for the user: an unknown
+/// module (naming the known ones) or a bad option (naming the right form).
+pub type ModuleFactory = fn(name: &str, opts: &str) -> Result<Box<dyn Module>, String>;
 
 /// The baseline file system's module name (no protection manager at all).
 pub const PLAIN: &str = "fuser-plain";
@@ -32,6 +34,8 @@ pub const PLAIN: &str = "fuser-plain";
 #[derive(Debug, Clone)]
 pub struct MountOpts {
     pub module: String,
+    /// The module's own options (`kintsugi mount -o`), passed to the [`ModuleFactory`].
+    pub module_opts: String,
     pub level: Level,
     /// Block store size in bytes.
     pub size: u64,
@@ -111,9 +115,7 @@ pub fn mount(opts: &MountOpts, factory: ModuleFactory) -> Result<(), HostError> 
     let module = if opts.module == PLAIN {
         None
     } else {
-        Some(factory(&opts.module).ok_or_else(|| {
-            HostError::UnknownModule(opts.module.clone(), format!("smfs, {PLAIN}"))
-        })?)
+        Some(factory(&opts.module, &opts.module_opts).map_err(HostError::Module)?)
     };
     if opts.foreground {
         return serve(opts, module, None);

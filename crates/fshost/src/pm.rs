@@ -606,6 +606,11 @@ impl Pm for HostPm<'_> {
     fn get_next_blk(&mut self) -> FsResult<BlockNo> {
         self.get_next_blk_typed(BlockType::DATA)
     }
+    fn mark_global(&mut self) {
+        if let Some(f) = self.gflag {
+            f.store(1, Ordering::SeqCst);
+        }
+    }
     fn get_next_blk_typed(&mut self, ty: BlockType) -> FsResult<BlockNo> {
         self.checkpoint();
         // Take first (one atomic step, so a concurrent context cannot get the same block),

@@ -2,6 +2,8 @@
 //! process behind (no zombies, no strays).
 #![forbid(unsafe_code)]
 
+pub mod netns;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

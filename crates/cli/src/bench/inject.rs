@@ -349,6 +349,7 @@ fn one_run(
     std::fs::create_dir_all(&mp)?;
     let opts = fshost::MountOpts {
         module: "smfs".into(),
+        module_opts: String::new(),
         level: fshost::Level::from_number(a.level).map_err(anyhow::Error::msg)?,
         size: 64 << 20,
         mountpoint: mp.clone(),

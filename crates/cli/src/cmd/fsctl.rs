@@ -63,9 +63,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("fsctl {} arm-site {site}", mp.display()))?;
         }
         Action::Sites { module } => {
-            let m = crate::cmd::mount::modules(&module)
-                .with_context(|| format!("unknown module {module:?}: use smfs"))?;
-            for s in m.sites() {
+            let sites = crate::cmd::mount::sites(&module)
+                .with_context(|| format!("unknown module {module:?}: use smfs or snfs"))?;
+            for s in sites {
                 println!("{:>4}  {:<20} {}", s.id, s.kind.name(), s.what);
             }
         }

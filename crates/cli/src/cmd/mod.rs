@@ -7,5 +7,6 @@ pub mod mount;
 pub mod notify;
 pub mod restore;
 pub mod run;
+pub mod snfs_server;
 pub mod umount;
 pub mod watch;

@@ -10,9 +10,14 @@ use anyhow::Context;
 /// --foreground; stop it with `kintsugi umount MOUNTPOINT`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Module to mount: smfs (the RAM-disk module), or fuser-plain (the bare-FUSE baseline).
+    /// Module to mount: smfs (the RAM-disk module), snfs (the network file system client;
+    /// needs -o server=HOST:PORT), or fuser-plain (the bare-FUSE baseline).
     #[arg(long, default_value = "smfs")]
     pub module: String,
+    /// The module's options, comma-separated like mount(8) -o: snfs takes server=HOST:PORT;
+    /// smfs takes none.
+    #[arg(short = 'o', long = "options", default_value = "")]
+    pub options: String,
     /// Protection level: 5 = linked into the host (no protection); 4 = own processes, shared-memory
     /// ring, undo log, deadlock detection, restart on crash; 3 = 4 + duplication and semantic
     /// checks of every write-back; 2 = 3 + shared memory read-only outside the protection
@@ -78,9 +83,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is not a number of bytes like 256M"))
 }
 
-pub fn modules(name: &str) -> Option<Box<dyn fsapi::Module>> {
+/// The modules this binary links (the mount's module factory).
+pub fn modules(name: &str, opts: &str) -> Result<Box<dyn fsapi::Module>, String> {
     match name {
-        "smfs" => Some(Box::new(smfs::Smfs::new())),
+        "smfs" if opts.trim().is_empty() => Ok(Box::new(smfs::Smfs::new())),
+        "smfs" => Err(format!(
+            "smfs takes no options (got -o {opts:?}): leave out -o"
+        )),
+        "snfs" => Ok(Box::new(snfs::Snfs::from_opts(opts)?)),
+        _ => Err(format!(
+            "unknown module {name:?}: available modules are smfs, snfs, {}",
+            fshost::mount::PLAIN
+        )),
+    }
+}
+
+/// The fault sites a module compiles in, by module name (no instance, so no options needed).
+pub fn sites(name: &str) -> Option<&'static [fsapi::Site]> {
+    match name {
+        "smfs" => Some(smfs::SITES),
+        "snfs" => Some(snfs::SITES),
         _ => None,
     }
 }
@@ -89,6 +111,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let level = fshost::Level::from_number(a.level).map_err(anyhow::Error::msg)?;
     let opts = fshost::MountOpts {
         module: a.module,
+        module_opts: a.options,
         level,
         size: a.size,
         mountpoint: a.mountpoint.clone(),

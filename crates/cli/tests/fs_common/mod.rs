@@ -33,9 +33,14 @@ pub struct Mount {
 
 impl Mount {
     pub fn new(level: u8, extra: &[&str]) -> Mount {
-        let dir = fresh_dir(&format!("l{level}"));
+        Mount::of_module("smfs", level, extra)
+    }
+
+    /// A mount of `module` (with `extra` arguments, e.g. `-o server=…`).
+    pub fn of_module(module: &str, level: u8, extra: &[&str]) -> Mount {
+        let dir = fresh_dir(&format!("{module}-l{level}"));
         let lv = level.to_string();
-        let mut args = vec!["mount", "--module", "smfs", "--level", &lv, "--size", "64M"];
+        let mut args = vec!["mount", "--module", module, "--level", &lv, "--size", "64M"];
         args.extend_from_slice(extra);
         let d = dir.to_str().expect("utf-8 temp path").to_string();
         args.push(&d);
@@ -117,3 +122,51 @@ pub fn pattern(seed: u32, len: usize) -> Vec<u8> {
 }
 
 pub const SETTLE: Duration = Duration::from_millis(50);
+
+/// A `kintsugi snfs-server` on loopback (any free port); killed by pid and reaped on drop.
+pub struct SnfsServer {
+    child: Option<std::process::Child>,
+    pub addr: String,
+}
+
+impl SnfsServer {
+    pub fn start(export: &Path, log: &Path) -> SnfsServer {
+        use std::io::BufRead;
+        let logf = std::fs::File::create(log).expect("server log");
+        let mut child = bin()
+            .args(["snfs-server", "--listen", "127.0.0.1:0", "--export"])
+            .arg(export)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(logf)
+            .spawn()
+            .expect("start snfs-server");
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut s = SnfsServer {
+            child: Some(child),
+            addr: String::new(),
+        };
+        let line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        s.addr = line
+            .trim()
+            .strip_prefix("snfs-server listening on ")
+            .unwrap_or_else(|| panic!("snfs-server did not start: {line:?}"))
+            .to_string();
+        s
+    }
+}
+
+impl Drop for SnfsServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

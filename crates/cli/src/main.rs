@@ -10,6 +10,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod logging;
+mod snfs_plain;
 
 use std::process::ExitCode;
 

@@ -16,9 +16,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use fsapi::{Attr, Ctx, Errno, Fh, FileKind, Ino, SetAttr, TimeSet, Timespec};
+use fsapi::{Attr, Ctx, Errno, Fh, Ino, SetAttr};
 use fuser::{
     FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
     LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
@@ -26,6 +26,7 @@ use fuser::{
 };
 
 use crate::backend::{Backend, Stats};
+use crate::fuse_conv::{ctx, err, file_type, fuse_attr, system_to_ts, time_set};
 use crate::pm::Fault;
 use crate::wire::{Op, OpClass, Reply, Request};
 
@@ -79,84 +80,6 @@ pub struct HostFs {
     /// from it, so a reader never splices two different versions (counters change between
     /// the reads and the text's length with them).
     status_snap: Mutex<Vec<u8>>,
-}
-
-fn ts_to_system(t: Timespec) -> SystemTime {
-    if t.sec >= 0 {
-        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
-            + Duration::from_nanos(u64::from(t.nsec))
-    }
-}
-
-fn system_to_ts(t: SystemTime) -> Timespec {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Timespec {
-            sec: d.as_secs() as i64,
-            nsec: d.subsec_nanos(),
-        },
-        Err(e) => {
-            let d = e.duration();
-            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
-            if nsec > 0 {
-                sec -= 1;
-                nsec = 1_000_000_000 - nsec;
-            }
-            Timespec { sec, nsec }
-        }
-    }
-}
-
-fn file_type(k: FileKind) -> FileType {
-    match k {
-        FileKind::File => FileType::RegularFile,
-        FileKind::Dir => FileType::Directory,
-        FileKind::Symlink => FileType::Symlink,
-        FileKind::Fifo => FileType::NamedPipe,
-        FileKind::CharDev => FileType::CharDevice,
-        FileKind::BlockDev => FileType::BlockDevice,
-        FileKind::Socket => FileType::Socket,
-    }
-}
-
-fn fuse_attr(a: &Attr) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(a.ino.0),
-        size: a.size,
-        blocks: a.blocks,
-        atime: ts_to_system(a.atime),
-        mtime: ts_to_system(a.mtime),
-        ctime: ts_to_system(a.ctime),
-        crtime: ts_to_system(a.ctime),
-        kind: file_type(a.kind),
-        perm: a.perm,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
-fn err(e: Errno) -> fuser::Errno {
-    fuser::Errno::from_i32(e.0)
-}
-
-fn ctx(req: &fuser::Request) -> Ctx {
-    Ctx {
-        uid: req.uid(),
-        gid: req.gid(),
-        pid: req.pid(),
-    }
-}
-
-fn time_set(t: TimeOrNow) -> TimeSet {
-    match t {
-        TimeOrNow::Now => TimeSet::Now,
-        TimeOrNow::SpecificTime(s) => TimeSet::At(system_to_ts(s)),
-    }
 }
 
 impl HostFs {

@@ -20,6 +20,7 @@ pub mod bench;
 pub mod check;
 pub mod deadlock;
 pub mod fuse;
+pub mod fuse_conv;
 pub mod l5;
 pub mod mount;
 pub mod plain;

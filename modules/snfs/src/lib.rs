@@ -54,7 +54,6 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
-pub mod plain;
 pub mod proto;
 pub mod server;
 

@@ -84,7 +84,7 @@ pub fn plain(a: PlainArgs) -> anyhow::Result<ExitCode> {
             let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
         }
     })?;
-    snfs::plain::serve(&a.server, &a.mountpoint)
+    crate::snfs_plain::serve(&a.server, &a.mountpoint)
         .with_context(|| format!("snfs-plain on {}", a.mountpoint.display()))?;
     Ok(ExitCode::SUCCESS)
 }

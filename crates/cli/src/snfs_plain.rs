@@ -1,6 +1,7 @@
 //! The benchmark baseline for SNFS: the same server behind a bare `fuser` client, with no
 //! host, no protection manager, no attribute cache in a block store and no module boundary:
-//! the cost of FUSE plus the network protocol alone (what `fshost::plain` is for SMFS).
+//! the cost of FUSE plus the network protocol alone (what `fshost::plain` is for SMFS). It
+//! lives in the CLI, not in the module crate: a module knows nothing of FUSE.
 //!
 //! [`serve`] mounts and serves in the calling thread until the file system is unmounted;
 //! `kintsugi __snfs-plain --server HOST:PORT MOUNTPOINT` runs it.
@@ -10,17 +11,18 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use fsapi::{Attr, Ctx, Errno, FileKind, SetAttr, TimeSet, Timespec};
+use fsapi::{Ctx, FileKind, SetAttr};
 use fuser::{
-    FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, TimeOrNow, WriteFlags,
+    FileHandle, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, TimeOrNow, WriteFlags,
 };
 
-use crate::client::Client;
-use crate::proto::{Call, Handle, Op, Reply};
+use fshost::fuse_conv::{ctx, err, file_type, fuse_attr, system_to_ts, time_set};
+use snfs::client::Client;
+use snfs::proto::{Call, Handle, Op, Reply};
 
 /// The kernel's attribute and entry TTL: the same second the host and the module cache use.
 const TTL: Duration = Duration::from_secs(1);
@@ -32,73 +34,6 @@ pub struct PlainSnfs {
     /// Open counts and "unlinked while open" per node, so such a file stays alive on the
     /// server until its last close (the module keeps the same in the host's store).
     opens: Mutex<HashMap<u64, (u32, bool)>>,
-}
-
-fn ts_to_system(t: Timespec) -> SystemTime {
-    if t.sec >= 0 {
-        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
-    }
-}
-
-fn system_to_ts(t: SystemTime) -> Timespec {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Timespec {
-        sec: d.as_secs() as i64,
-        nsec: d.subsec_nanos(),
-    }
-}
-
-fn file_type(k: FileKind) -> FileType {
-    match k {
-        FileKind::File => FileType::RegularFile,
-        FileKind::Dir => FileType::Directory,
-        FileKind::Symlink => FileType::Symlink,
-        FileKind::Fifo => FileType::NamedPipe,
-        FileKind::CharDev => FileType::CharDevice,
-        FileKind::BlockDev => FileType::BlockDevice,
-        FileKind::Socket => FileType::Socket,
-    }
-}
-
-fn fattr(a: &Attr) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(a.ino.0),
-        size: a.size,
-        blocks: a.blocks,
-        atime: ts_to_system(a.atime),
-        mtime: ts_to_system(a.mtime),
-        ctime: ts_to_system(a.ctime),
-        crtime: ts_to_system(a.ctime),
-        kind: file_type(a.kind),
-        perm: a.perm,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
-fn ferr(e: Errno) -> fuser::Errno {
-    fuser::Errno::from_i32(e.0)
-}
-
-fn ctx(req: &fuser::Request) -> Ctx {
-    Ctx {
-        uid: req.uid(),
-        gid: req.gid(),
-        pid: req.pid(),
-    }
-}
-
-fn time_set(t: TimeOrNow) -> TimeSet {
-    match t {
-        TimeOrNow::Now => TimeSet::Now,
-        TimeOrNow::SpecificTime(s) => TimeSet::At(system_to_ts(s)),
-    }
 }
 
 impl PlainSnfs {
@@ -120,12 +55,12 @@ impl PlainSnfs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .call(&Call { xid, ctx, op })
-            .map_err(ferr)
+            .map_err(err)
     }
 
     fn entry(&self, ctx: Ctx, op: Op, reply: ReplyEntry) {
         match self.call(ctx, op) {
-            Ok(Reply::Attr(a)) => reply.entry(&TTL, &fattr(&a), Generation(a.generation)),
+            Ok(Reply::Attr(a)) => reply.entry(&TTL, &fuse_attr(&a), Generation(a.generation)),
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(e),
         }
@@ -196,7 +131,7 @@ impl Filesystem for PlainSnfs {
         reply: ReplyAttr,
     ) {
         match self.call(ctx(req), Op::Getattr { h: Handle(ino.0) }) {
-            Ok(Reply::Attr(a)) => reply.attr(&TTL, &fattr(&a)),
+            Ok(Reply::Attr(a)) => reply.attr(&TTL, &fuse_attr(&a)),
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(e),
         }
@@ -236,7 +171,7 @@ impl Filesystem for PlainSnfs {
                 set,
             },
         ) {
-            Ok(Reply::Attr(a)) => reply.attr(&TTL, &fattr(&a)),
+            Ok(Reply::Attr(a)) => reply.attr(&TTL, &fuse_attr(&a)),
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(e),
         }
@@ -527,7 +462,7 @@ impl Filesystem for PlainSnfs {
                 self.opened(a.ino.0);
                 reply.created(
                     &TTL,
-                    &fattr(&a),
+                    &fuse_attr(&a),
                     Generation(a.generation),
                     FileHandle(0),
                     FopenFlags::empty(),

@@ -1,5 +1,12 @@
-//! `kintsugi bench fs`: the paper's two workloads on tmpfs, on the plain-`fuser` baseline, and
-//! on SMFS at each available level, all in one run so the ratios are fair.
+//! `kintsugi bench fs`: the paper's two workloads on tmpfs, on the plain-`fuser` baseline, on
+//! SMFS at every level, and on SNFS at every level beside its own baseline (the same server
+//! behind a bare `fuser` client, `kintsugi __snfs-plain`), all in one run so the ratios are fair.
+//! The SNFS server runs on loopback, one per mount with a fresh export, so no mount sees
+//! another's files or server-side caches.
+//!
+//! `ratio_to_level5` compares a row with level 5 of its own module: SNFS rows (and the SNFS
+//! baseline) with SNFS at level 5, every other row with SMFS at level 5. A network file system's
+//! round trips dwarf what the levels add, so dividing by SMFS would say nothing about SNFS.
 //!
 //! - `copy64k`: copy a 64 KiB file in 8 KiB blocks (open, create/truncate, 8 reads + 8 writes,
 //!   close), many repetitions; one sample per copy.
@@ -26,6 +33,9 @@ pub struct Opts {
     /// VM, unpinned FUSE round trips are bimodal (3× apart from one mount to the next,
     /// depending on where the scheduler puts the daemon); same-core is the stable configuration.
     pub cpu: Option<usize>,
+    /// Only these file systems (`fs` names of [`Row`]); empty: all. Rows whose module's level 5
+    /// did not run get no ratio.
+    pub only: Vec<String>,
 }
 
 /// One line of the result.
@@ -173,11 +183,84 @@ fn compile(dir: &Path, reps: usize) -> Result<Vec<f64>, HostError> {
     (0..reps).map(|_| compile_once(&d)).collect()
 }
 
-/// A mounted target; unmounted on drop.
+/// A mounted target; unmounted on drop, then its helper processes (an SNFS baseline client,
+/// an SNFS server) are killed and its export removed.
 struct Target {
     dir: PathBuf,
-    tmpfs: bool,
-    exe: PathBuf,
+    /// `kintsugi umount` with this binary (a kintsugi mount), or `None`: a plain kernel
+    /// unmount (tmpfs; the SNFS baseline, whose serving loop ends with the connection).
+    umount_with: Option<PathBuf>,
+    /// Killed and reaped on drop, in order, after the unmount.
+    procs: Vec<std::process::Child>,
+    /// Removed on drop, after the processes are gone (an SNFS export, logs).
+    scratch: Vec<PathBuf>,
+}
+
+/// A running `kintsugi snfs-server` on loopback with a fresh export under `base`; killed (and
+/// its export removed) on drop unless handed to a [`Target`].
+struct SnfsServer {
+    child: Option<std::process::Child>,
+    addr: String,
+    /// The export and the log.
+    scratch: Vec<PathBuf>,
+}
+
+impl Drop for SnfsServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        remove_all(&mut self.scratch);
+    }
+}
+
+impl SnfsServer {
+    fn start(base: &Path, exe: &Path, name: &str) -> Result<SnfsServer, HostError> {
+        use std::io::BufRead;
+        let export = base.join(format!("export-{name}"));
+        std::fs::create_dir_all(&export).map_err(io("mkdir", &export))?;
+        let log = base.join(format!("snfs-server-{name}.log"));
+        let logf = std::fs::File::create(&log).map_err(io("creating", &log))?;
+        let mut child = Command::new(exe)
+            .args(["snfs-server", "--listen", "127.0.0.1:0", "--export"])
+            .arg(&export)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(logf)
+            .spawn()
+            .map_err(io("starting kintsugi snfs-server", &export))?;
+        // The server prints its address once bound, or exits (closing stdout) on failure.
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        match line.trim().strip_prefix("snfs-server listening on ") {
+            Some(a) => Ok(SnfsServer {
+                addr: a.to_string(),
+                child: Some(child),
+                scratch: vec![export, log],
+            }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let why = std::fs::read_to_string(&log).unwrap_or_default();
+                let _ = std::fs::remove_dir_all(&export);
+                let _ = std::fs::remove_file(&log);
+                Err(HostError::Daemon(format!(
+                    "kintsugi snfs-server did not start: {}",
+                    why.trim()
+                )))
+            }
+        }
+    }
+
+    /// Hands the server's lifetime (and its export) to the target that uses it.
+    fn attach(mut self, mut t: Target) -> Target {
+        t.procs.extend(self.child.take());
+        t.scratch.append(&mut self.scratch);
+        t
+    }
 }
 
 impl Target {
@@ -194,8 +277,9 @@ impl Target {
         .map_err(|e| io("mount tmpfs", &dir)(e.into()))?;
         Ok(Target {
             dir,
-            tmpfs: true,
-            exe: PathBuf::new(),
+            umount_with: None,
+            procs: Vec::new(),
+            scratch: Vec::new(),
         })
     }
 
@@ -206,7 +290,10 @@ impl Target {
         level: u8,
         extra: &[&str],
     ) -> Result<Target, HostError> {
-        let dir = base.join(format!("{module}-l{level}{}", extra.join("")));
+        let dir = base.join(format!(
+            "{module}-l{level}{}",
+            if extra.is_empty() { "" } else { "-x" }
+        ));
         std::fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
         let out = Command::new(exe)
             .args([
@@ -229,18 +316,85 @@ impl Target {
         }
         Ok(Target {
             dir,
-            tmpfs: false,
-            exe: exe.to_path_buf(),
+            umount_with: Some(exe.to_path_buf()),
+            procs: Vec::new(),
+            scratch: Vec::new(),
         })
     }
+
+    /// SNFS at `level`, against a server of its own.
+    fn snfs(base: &Path, exe: &Path, level: u8, extra: &[&str]) -> Result<Target, HostError> {
+        let server = SnfsServer::start(base, exe, &format!("l{level}-{}", extra.len()))?;
+        let opt = format!("server={}", server.addr);
+        let args: Vec<&str> = ["-o", opt.as_str()]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        let t = Target::kintsugi(base, exe, "snfs", level, &args)?;
+        Ok(server.attach(t))
+    }
+
+    /// The SNFS baseline: the same server behind a bare `fuser` client (`__snfs-plain`), which
+    /// serves in the foreground; ready once the mount point is a FUSE mount.
+    fn snfs_plain(base: &Path, exe: &Path) -> Result<Target, HostError> {
+        let server = SnfsServer::start(base, exe, "plain")?;
+        let dir = base.join("snfs-plain");
+        std::fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
+        let log = base.join("snfs-plain.log");
+        let logf = std::fs::File::create(&log).map_err(io("creating", &log))?;
+        let client = Command::new(exe)
+            .args(["__snfs-plain", "--server", &server.addr])
+            .arg(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .map_err(io("starting kintsugi __snfs-plain", &dir))?;
+        // The client first: on drop it is unmounted, then killed, then the server.
+        let mut t = server.attach(Target {
+            dir: dir.clone(),
+            umount_with: None,
+            procs: vec![client],
+            scratch: vec![log.clone()],
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_fuse(&dir) {
+            let exited = t.procs[0].try_wait().ok().flatten().is_some();
+            if exited || Instant::now() > deadline {
+                let why = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(HostError::Daemon(format!(
+                    "the SNFS baseline client did not mount {}: {}",
+                    dir.display(),
+                    why.trim()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(t)
+    }
+}
+
+/// Removes scratch files and directories (never a mount point: those are only `Target::dir`).
+fn remove_all(paths: &mut Vec<PathBuf>) {
+    for p in paths.drain(..) {
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
+}
+
+/// Whether `dir` is (now) the root of a FUSE mount.
+fn is_fuse(dir: &Path) -> bool {
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    rustix::fs::statfs(dir).is_ok_and(|s| s.f_type == FUSE_SUPER_MAGIC)
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if self.tmpfs {
-            let _ = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH);
-        } else {
-            let ok = Command::new(&self.exe)
+        if let Some(exe) = &self.umount_with {
+            let ok = Command::new(exe)
                 .arg("umount")
                 .arg(&self.dir)
                 .status()
@@ -248,7 +402,14 @@ impl Drop for Target {
             if !ok {
                 let _ = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH);
             }
+        } else {
+            let _ = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH);
         }
+        for mut c in self.procs.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        remove_all(&mut self.scratch);
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -280,59 +441,114 @@ pub struct Recovery {
     pub crashes: usize,
 }
 
-/// What each protection technique costs, from the medians of one run (µs, per workload):
-/// each level differs from the next by one technique (paper 001, Table 4). `(technique,
-/// workload, extra µs over the level below it, extra as a fraction of level 5)`.
-pub fn technique_costs(rows: &[Row]) -> Vec<(&'static str, &'static str, f64, f64)> {
+/// What each protection technique costs, from the medians of one run (µs, per module and
+/// workload): each level differs from the next by one technique (paper 001, Table 4).
+/// `(module, technique, workload, extra µs over the level below it, extra as a fraction of the
+/// module's level 5)`.
+pub fn technique_costs(rows: &[Row]) -> Vec<TechniqueCost> {
     let med = |fs: &str, l: u8, w: &str| {
         rows.iter()
             .find(|r| r.fs == fs && r.level == Some(l) && r.workload == w)
             .map(|r| r.median_us)
     };
     let mut out = Vec::new();
-    for w in ["copy64k", "compile"] {
-        let Some(l5) = med("smfs", 5, w).filter(|m| *m > 0.0) else {
-            continue;
+    for m in MODULES {
+        let restart_only = if m == "smfs" {
+            "smfs_restart_only"
+        } else {
+            "snfs_restart_only"
         };
-        let steps = [
-            (
-                "separate address space + undo log + deadlock detection (L4 restart-only - L5)",
-                med("smfs_restart_only", 4, w),
-                Some(l5),
-            ),
-            (
-                "containment write trap (L4 - L4 restart-only)",
-                med("smfs", 4, w),
-                med("smfs_restart_only", 4, w),
-            ),
-            (
-                "duplication + semantic checks (L3 - L4 restart-only)",
-                med("smfs", 3, w),
-                med("smfs_restart_only", 4, w),
-            ),
-            (
-                "shared memory read-only (L2 - L3)",
-                med("smfs", 2, w),
-                med("smfs", 3, w),
-            ),
-            (
-                "shared memory unmapped, not read-only (L1 - L2)",
-                med("smfs", 1, w),
-                med("smfs", 2, w),
-            ),
-        ];
-        for (name, hi, lo) in steps {
-            if let (Some(h), Some(l)) = (hi, lo) {
-                out.push((
-                    name,
-                    w,
-                    round1(h - l),
-                    ((h - l) / l5 * 1000.0).round() / 1000.0,
-                ));
+        for w in ["copy64k", "compile"] {
+            let Some(l5) = med(m, 5, w).filter(|x| *x > 0.0) else {
+                continue;
+            };
+            let steps = [
+                (
+                    "separate address space + undo log + deadlock detection (L4 restart-only - L5)",
+                    med(restart_only, 4, w),
+                    Some(l5),
+                ),
+                (
+                    "containment write trap (L4 - L4 restart-only)",
+                    med(m, 4, w),
+                    med(restart_only, 4, w),
+                ),
+                (
+                    "duplication + semantic checks (L3 - L4 restart-only)",
+                    med(m, 3, w),
+                    med(restart_only, 4, w),
+                ),
+                (
+                    "shared memory read-only (L2 - L3)",
+                    med(m, 2, w),
+                    med(m, 3, w),
+                ),
+                (
+                    "shared memory unmapped, not read-only (L1 - L2)",
+                    med(m, 1, w),
+                    med(m, 2, w),
+                ),
+            ];
+            for (technique, hi, lo) in steps {
+                if let (Some(h), Some(l)) = (hi, lo) {
+                    out.push(TechniqueCost {
+                        module: m,
+                        technique,
+                        workload: w,
+                        extra_us: round1(h - l),
+                        of_level5: ((h - l) / l5 * 1000.0).round() / 1000.0,
+                    });
+                }
             }
         }
     }
     out
+}
+
+/// One row of [`technique_costs`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TechniqueCost {
+    pub module: &'static str,
+    pub technique: &'static str,
+    pub workload: &'static str,
+    /// Median µs over the level below it.
+    pub extra_us: f64,
+    /// `extra_us` as a fraction of the module's level-5 median.
+    pub of_level5: f64,
+}
+
+/// Every (file system, level) the benchmark runs, in order. Level 4 runs with containment (the
+/// default: write-protected globals, the flag) and, beside it, as the restart-only rung without
+/// the write trap: the difference is containment's cost. Levels 1–3 run with containment too
+/// (there the flag is set by write-back, no trap).
+pub const SYSTEMS: [(&str, Option<u8>); 15] = [
+    ("tmpfs", None),
+    ("fuser_plain", None),
+    ("smfs", Some(5)),
+    ("smfs", Some(4)),
+    ("smfs_restart_only", Some(4)),
+    ("smfs", Some(3)),
+    ("smfs", Some(2)),
+    ("smfs", Some(1)),
+    ("snfs_plain", None),
+    ("snfs", Some(5)),
+    ("snfs", Some(4)),
+    ("snfs_restart_only", Some(4)),
+    ("snfs", Some(3)),
+    ("snfs", Some(2)),
+    ("snfs", Some(1)),
+];
+
+/// The modules benchmarked at every level.
+pub const MODULES: [&str; 2] = ["smfs", "snfs"];
+
+/// The module whose level 5 a row is compared with: SNFS rows with SNFS, the rest with SMFS.
+pub fn module_of(fs: &str) -> &'static str {
+    if fs.starts_with("snfs") {
+        "snfs"
+    } else {
+        "smfs"
+    }
 }
 
 /// Runs every workload on every file system. Progress goes to `progress`.
@@ -356,21 +572,11 @@ pub fn run_with_recovery(
     }
     let base = std::env::temp_dir().join(format!("kintsugi-bench-fs-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(io("mkdir", &base))?;
-    // Level 4 runs with containment (the default: write-protected globals, the flag) and, beside
-    // it, as the restart-only rung without the write trap: the difference is containment's cost.
-    // Levels 1–3 run with containment too (there the flag is set by write-back, no trap).
-    let systems: [(&'static str, Option<u8>); 8] = [
-        ("tmpfs", None),
-        ("fuser_plain", None),
-        ("smfs", Some(5)),
-        ("smfs", Some(4)),
-        ("smfs_restart_only", Some(4)),
-        ("smfs", Some(3)),
-        ("smfs", Some(2)),
-        ("smfs", Some(1)),
-    ];
     let mut rows = Vec::new();
-    for (fs, level) in systems {
+    for (fs, level) in SYSTEMS {
+        if !opts.only.is_empty() && !opts.only.iter().any(|o| o == fs) {
+            continue;
+        }
         progress(&format!(
             "{fs}{}",
             level.map(|l| format!(" level {l}")).unwrap_or_default()
@@ -381,6 +587,11 @@ pub fn run_with_recovery(
             ("smfs_restart_only", _) => {
                 Target::kintsugi(&base, &opts.exe, "smfs", 4, &["--recovery", "restart"])?
             }
+            ("snfs_plain", _) => Target::snfs_plain(&base, &opts.exe)?,
+            ("snfs_restart_only", _) => {
+                Target::snfs(&base, &opts.exe, 4, &["--recovery", "restart"])?
+            }
+            ("snfs", l) => Target::snfs(&base, &opts.exe, l.unwrap_or(5), &[])?,
             (_, l) => Target::kintsugi(&base, &opts.exe, "smfs", l.unwrap_or(5), &[])?,
         };
         for (workload, samples) in [
@@ -411,14 +622,19 @@ pub fn run_with_recovery(
     }
     let _ = std::fs::remove_dir(&base);
     for w in ["copy64k", "compile"] {
-        let l5 = rows
-            .iter()
-            .find(|r| r.fs == "smfs" && r.level == Some(5) && r.workload == w)
-            .map(|r| r.median_us);
-        for r in rows.iter_mut().filter(|r| r.workload == w) {
-            r.ratio_to_level5 = l5
-                .filter(|m| *m > 0.0)
-                .map(|m| (r.median_us / m * 1000.0).round() / 1000.0);
+        for module in MODULES {
+            let l5 = rows
+                .iter()
+                .find(|r| r.fs == module && r.level == Some(5) && r.workload == w)
+                .map(|r| r.median_us);
+            for r in rows
+                .iter_mut()
+                .filter(|r| r.workload == w && module_of(r.fs) == module)
+            {
+                r.ratio_to_level5 = l5
+                    .filter(|m| *m > 0.0)
+                    .map(|m| (r.median_us / m * 1000.0).round() / 1000.0);
+            }
         }
     }
     Ok((rows, rec))

@@ -1,5 +1,6 @@
-//! `kintsugi bench fs`: copy64k and compile on tmpfs, the plain-fuser baseline, and SMFS at
-//! levels 5 and 4, in one run. The work is in `fshost::bench`; this prints it.
+//! `kintsugi bench fs`: copy64k and compile on tmpfs, the plain-fuser baseline, SMFS at every
+//! level, and SNFS at every level beside its bare-client baseline, in one run. The work is in
+//! `fshost::bench`; this prints it.
 
 use std::process::ExitCode;
 
@@ -20,6 +21,10 @@ pub struct Args {
     /// place them; numbers then vary run to run on a 2-vCPU VM).
     #[arg(long, default_value = "0")]
     pub cpu: String,
+    /// Run only these file systems (comma-separated `fs` names: tmpfs, fuser_plain, smfs,
+    /// smfs_restart_only, snfs_plain, snfs, snfs_restart_only).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// Print the JSON object only.
     #[arg(long)]
     pub json: bool,
@@ -34,11 +39,28 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 .context("--cpu takes a CPU number or \"none\"")?,
         ),
     };
+    if let Some(bad) = a
+        .only
+        .iter()
+        .find(|o| !fshost::bench::SYSTEMS.iter().any(|(fs, _)| fs == o))
+    {
+        let mut names: Vec<&str> = Vec::new();
+        for (fs, _) in fshost::bench::SYSTEMS {
+            if !names.contains(&fs) {
+                names.push(fs);
+            }
+        }
+        anyhow::bail!(
+            "--only: unknown file system {bad:?}; the file systems are {}",
+            names.join(", ")
+        );
+    }
     let opts = fshost::bench::Opts {
         cpu,
         copy_reps: a.copy_reps.max(1),
         compile_reps: a.compile_reps.max(1),
         exe,
+        only: a.only,
     };
     let json = a.json;
     let crashes = if json { 0 } else { a.crashes };
@@ -67,22 +89,31 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             r.ratio_to_level5.map_or("-".into(), |x| format!("{x:.2}x"))
         );
     }
-    println!("\nper technique (each level adds one to the level below it):");
-    for (t, w, us, frac) in fshost::bench::technique_costs(&rows) {
+    println!(
+        "\nper technique (each level adds one to the level below it; \"vs L5\" is the module's own level 5):"
+    );
+    for c in fshost::bench::technique_costs(&rows) {
         println!(
-            "  {w:<8} {us:>+10.1} us  {:>+7.1}% of L5   {t}",
-            frac * 100.0
+            "  {:<5} {:<8} {:>+10.1} us  {:>+7.1}% of L5   {}",
+            c.module,
+            c.workload,
+            c.extra_us,
+            c.of_level5 * 100.0,
+            c.technique
         );
     }
-    for w in ["copy64k", "compile"] {
-        if let Some(r) = rows
-            .iter()
-            .find(|r| r.fs == "smfs" && r.level == Some(1) && r.workload == w)
-        {
-            println!(
-                "paper's comparison, smfs {w}: L1/L5 = {}",
-                r.ratio_to_level5.map_or("-".into(), |x| format!("{x:.2}x"))
-            );
+    println!();
+    for m in fshost::bench::MODULES {
+        for w in ["copy64k", "compile"] {
+            if let Some(r) = rows
+                .iter()
+                .find(|r| r.fs == m && r.level == Some(1) && r.workload == w)
+            {
+                println!(
+                    "paper's comparison, {m} {w}: L1/L5 = {}",
+                    r.ratio_to_level5.map_or("-".into(), |x| format!("{x:.2}x"))
+                );
+            }
         }
     }
     if let Some(r) = rec {

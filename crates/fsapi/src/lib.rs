@@ -321,6 +321,29 @@ pub enum Check {
     },
 }
 
+/// One request's change to host data, as the protection manager holds it when the request
+/// ends and before the change becomes permanent (levels 1–4; [`Module::check_commit`]): the
+/// store as the request found it and as it would leave it, and what the request allocated,
+/// freed, wrote and locked. Everything here is the host's record, not the module's word.
+pub trait CommitView {
+    fn block_size(&self) -> usize;
+    fn nblocks(&self) -> u64;
+    /// Bytes of block `b` before the request (a block it allocated reads as zeros).
+    fn before(&self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()>;
+    /// Bytes of block `b` as the request leaves it.
+    fn after(&self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()>;
+    /// Blocks whose bytes the request wrote, ascending (allocated ones included).
+    fn written(&self) -> Vec<BlockNo>;
+    /// Blocks the request allocated and still holds, ascending.
+    fn allocated(&self) -> Vec<BlockNo>;
+    /// Blocks allocated before the request that it freed, ascending.
+    fn freed(&self) -> Vec<BlockNo>;
+    /// Every lock the request took.
+    fn locks(&self) -> Vec<LockId>;
+    /// The open references to `ino` as the request leaves them ([`Pm::refs`]).
+    fn refs(&self, ino: Ino) -> u32;
+}
+
 /// How the records in blocks of one [`BlockType`] look to the protection manager: the
 /// knowledge of host data structures the paper's protection manager has of vnodes and bufs.
 /// A module hands its layouts over once per generation ([`Module::layouts`], after `attach`).
@@ -575,6 +598,15 @@ pub trait Module: Send {
     /// (empty = clean). Runs with no other request in flight.
     fn fsck(&mut self, _pm: &mut dyn Pm) -> FsResult<Vec<FsckProblem>> {
         Ok(Vec::new())
+    }
+    /// Checks what one request changed before the change becomes permanent (levels 1–4; the
+    /// host calls it when the request succeeded and changed host data): the structure the
+    /// request touched must be consistent, as `fsck` would find it, with everything else
+    /// unchanged. `Err` (what is wrong) makes the host treat the request as a failed check:
+    /// at levels 1–3 nothing of it is applied; at level 4 it is rolled back. An incremental
+    /// `fsck` of what the request locked; the default checks nothing.
+    fn check_commit(&self, _c: &dyn CommitView) -> Result<(), String> {
+        Ok(())
     }
     /// The layouts of this module's typed blocks (levels 1–3 check write-backs against them).
     /// Called after `attach`, so they may depend on the geometry. Default: none (nothing

@@ -36,6 +36,13 @@ impl MemPm {
         self.locks.len()
     }
 
+    /// Reads like [`Pm::bread`] without `&mut` (for a test's own views of the store).
+    pub fn peek(&self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
+        let r = self.range(b, off, buf.len())?;
+        buf.copy_from_slice(&self.blocks[r]);
+        Ok(())
+    }
+
     fn range(&self, b: BlockNo, off: usize, n: usize) -> FsResult<std::ops::Range<usize>> {
         if b.0 >= self.used.len() as u64 || off + n > self.bs {
             return Err(Errno::EINVAL);

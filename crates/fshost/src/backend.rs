@@ -1002,7 +1002,11 @@ fn spawn_context(
             tracing::error!("context {i}: cannot set up memory protection: {e}");
             return 70;
         }
-        context_main(i, &mut **module, &store, ring, contain, level, page.addr())
+        // The stock baseline (`--recovery none`) has no commit check: the check is a detector
+        // of the recovery ladder, and a detection there could only end the file system.
+        let checked = opts.recovery != Recovery::None;
+        let flags = ContextFlags { contain, checked };
+        context_main(i, &mut **module, &store, ring, flags, level, page.addr())
     })
     .map_err(crate::HostError::Supervisor)
 }
@@ -1070,16 +1074,26 @@ fn install_trap(
     sys::wtrap::install(&globals, &foreign, flag, illegal)
 }
 
+/// How a context treats its requests.
+#[derive(Debug, Clone, Copy)]
+struct ContextFlags {
+    /// Containment: the global-write flag is kept (and at level 4 trapped).
+    contain: bool,
+    /// The module's commit check runs on every request that changed host data.
+    checked: bool,
+}
+
 /// A module context: serve slot `i` forever.
 fn context_main(
     i: usize,
     module: &mut dyn Module,
     store: &Store,
     ring: &'static Ring,
-    contain: bool,
+    flags: ContextFlags,
     level: Level,
     host_addr: usize,
 ) -> i32 {
+    let contain = flags.contain;
     let mut attached = false;
     let mut layouts = Layouts::default();
     let sites = module.sites();
@@ -1132,7 +1146,14 @@ fn context_main(
                         let r = if matches!(r, Reply::Err(_)) {
                             r
                         } else {
-                            match pm.write_back() {
+                            let checked = if flags.checked && !mkfs {
+                                pm.check_commit(module).map_err(|why| {
+                                    WriteBackError::Rejected(format!("commit check: {why}"))
+                                })
+                            } else {
+                                Ok(())
+                            };
+                            match checked.and_then(|()| pm.write_back()) {
                                 Ok(_) => r,
                                 Err(WriteBackError::Rejected(why)) => {
                                     ring.set_violation(i, &why);

@@ -6,11 +6,11 @@
 //! process dies at, the host can walk the log backwards and restore the exact state from
 //! before the request (including releasing the locks it took), without the module's help.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use fsapi::{BlockNo, BlockType, Errno, FsResult, Ino, LockId, Pm, Timespec};
+use fsapi::{BlockNo, BlockType, CommitView, Errno, FsResult, Ino, LockId, Pm, Timespec};
 use sys::fs_ring::SharedRegion;
 
 use crate::check::{Layouts, StoreView};
@@ -50,6 +50,17 @@ impl Patch {
         self.data[off..off + bytes.len()].copy_from_slice(bytes);
         for i in off..off + bytes.len() {
             self.mask[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    /// Like [`Patch::put`], for the bytes not written yet only (keeps the oldest value).
+    fn put_under(&mut self, off: usize, bytes: &[u8]) {
+        for (k, &v) in bytes.iter().enumerate() {
+            let i = off + k;
+            if !self.has(i) {
+                self.data[i] = v;
+                self.mask[i / 64] |= 1 << (i % 64);
+            }
         }
     }
 
@@ -333,6 +344,13 @@ pub struct HostPm<'a> {
     /// Where `lock` publishes its waits and finds its victim flag: the ring and this context's
     /// slot (level 4). Without it a wait only ends with the lock or the last-resort timeout.
     waits: Option<(&'a crate::ring::Ring, usize)>,
+    /// What the commit check sees ([`HostPm::check_commit`]): every block allocated during
+    /// the request (freed again or not), every block written, every lock taken, and (level 4,
+    /// where writes go to the store at once) the bytes each write replaced, first write wins.
+    born: HashSet<u64>,
+    written: BTreeSet<u64>,
+    locked: Vec<LockId>,
+    pre: BTreeMap<u64, Patch>,
 }
 
 /// Where the armed fault site lives: the ring header at levels 1–4 (every context sees it),
@@ -425,6 +443,10 @@ impl<'a> HostPm<'a> {
             dup: None,
             gflag: None,
             waits: None,
+            born: HashSet::new(),
+            written: BTreeSet::new(),
+            locked: Vec::new(),
+            pre: BTreeMap::new(),
         }
     }
 
@@ -477,6 +499,12 @@ impl<'a> HostPm<'a> {
             let mut old = vec![0u8; data.len()];
             self.sread(b, off, &mut old);
             self.log(K_BLOCK, b, off as u64, &old)?;
+            if self.dup.is_none() && !self.born.contains(&b) {
+                self.pre
+                    .entry(b)
+                    .or_insert_with(Patch::new)
+                    .put_under(off, &old);
+            }
         }
         if self.swrite(b, off, data) {
             Ok(())
@@ -520,6 +548,16 @@ impl<'a> HostPm<'a> {
             }
         }
         Ok(patches.len())
+    }
+
+    /// Levels 1–4, end of a request the module answered successfully, before write-back
+    /// (1–3) or commit (4): the module's own incremental consistency check of what the
+    /// request changed ([`fsapi::Module::check_commit`]). `Err` says what is wrong.
+    pub fn check_commit(&self, module: &dyn fsapi::Module) -> Result<(), String> {
+        if !self.mutated || self.log.is_none() {
+            return Ok(());
+        }
+        module.check_commit(self)
     }
 
     /// Lets the deadlock checker see this request's lock waits and interrupt them (level 4:
@@ -597,6 +635,7 @@ impl Pm for HostPm<'_> {
             return Err(Errno::EIO);
         }
         self.mutated = true;
+        self.written.insert(b.0);
         if let Some((_, patches)) = &mut self.dup {
             patches.entry(b.0).or_insert_with(Patch::new).put(off, data);
             return Ok(());
@@ -634,6 +673,7 @@ impl Pm for HostPm<'_> {
             patches.remove(&b);
         }
         self.fresh.insert(b);
+        self.born.insert(b);
         self.mutated = true;
         Ok(BlockNo(b))
     }
@@ -700,6 +740,7 @@ impl Pm for HostPm<'_> {
                     // Recorded so the log shows what the request held; rollback releases
                     // all of the owner's locks.
                     self.log(K_LOCK, l.0, 0, &[])?;
+                    self.locked.push(l);
                 }
                 return Ok(());
             }
@@ -803,6 +844,83 @@ impl Pm for HostPm<'_> {
 }
 
 /// The store as a request at levels 1–3 would leave it: the checker's view.
+/// The request's change as [`fsapi::Module::check_commit`] sees it. Levels 1–3: the store is
+/// "before" and the private copies make "after". Level 4: the store is "after" and the bytes
+/// each write replaced make "before". A block allocated in the request was zero-filled then,
+/// and reads as zeros before it.
+impl CommitView for HostPm<'_> {
+    fn block_size(&self) -> usize {
+        BLOCK_SIZE
+    }
+    fn nblocks(&self) -> u64 {
+        self.store.nblocks()
+    }
+    fn before(&self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
+        if off + buf.len() > BLOCK_SIZE || b.0 >= self.store.nblocks() {
+            return Err(Errno::EIO);
+        }
+        if self.born.contains(&b.0) {
+            buf.fill(0);
+            return Ok(());
+        }
+        if !self.sread(b.0, off, buf) {
+            return Err(Errno::EIO);
+        }
+        if let Some(p) = self.pre.get(&b.0) {
+            p.overlay(off, buf);
+        }
+        Ok(())
+    }
+    fn after(&self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
+        if off + buf.len() > BLOCK_SIZE || b.0 >= self.store.nblocks() {
+            return Err(Errno::EIO);
+        }
+        if !self.sread(b.0, off, buf) {
+            return Err(Errno::EIO);
+        }
+        if let Some((_, patches)) = &self.dup
+            && let Some(p) = patches.get(&b.0)
+        {
+            p.overlay(off, buf);
+        }
+        Ok(())
+    }
+    fn written(&self) -> Vec<BlockNo> {
+        // A block allocated and freed again within the request was never visible: not a
+        // write of the request's outcome.
+        self.written
+            .iter()
+            .filter(|b| !self.born.contains(b) || self.fresh.contains(b))
+            .chain(self.fresh.iter())
+            .copied()
+            .collect::<BTreeSet<u64>>()
+            .into_iter()
+            .map(BlockNo)
+            .collect()
+    }
+    fn allocated(&self) -> Vec<BlockNo> {
+        let mut v: Vec<u64> = self.fresh.iter().copied().collect();
+        v.sort_unstable();
+        v.into_iter().map(BlockNo).collect()
+    }
+    fn freed(&self) -> Vec<BlockNo> {
+        let mut v: Vec<u64> = self
+            .freed
+            .iter()
+            .filter(|b| !self.born.contains(b))
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(BlockNo).collect()
+    }
+    fn locks(&self) -> Vec<LockId> {
+        self.locked.clone()
+    }
+    fn refs(&self, ino: Ino) -> u32 {
+        self.store.refs(ino.0)
+    }
+}
+
 struct View<'p, 'a> {
     pm: &'p HostPm<'a>,
     patches: &'p BTreeMap<u64, Patch>,

@@ -71,6 +71,7 @@ use fsapi::{
     TimeSet, Timespec,
 };
 
+mod commit;
 mod fsck;
 mod sites;
 
@@ -998,6 +999,12 @@ impl Smfs {
         ino: Ino,
         kind: FileKind,
     ) -> FsResult<()> {
+        if d.nlink == 0 {
+            // A removed directory (kept while open) takes no new names: freed on its last
+            // release, it would take them along. The kernel never asks (a removed directory
+            // is dead to the VFS); a direct caller gets what Linux answers.
+            return Err(Errno::ENOENT);
+        }
         let spb = self.slots_per_block()?;
         let n = self.nslots(d)?;
         let bs = self.geo()?.bs;
@@ -1751,6 +1758,10 @@ impl Module for Smfs {
 
     /// What the protection manager checks on write-back at levels 1–3: the superblock, inode
     /// slots, directory entries and pointer blocks (file data is opaque).
+    fn check_commit(&self, c: &dyn fsapi::CommitView) -> Result<(), String> {
+        self.commit_check(c)
+    }
+
     fn layouts(&self) -> Vec<Layout> {
         let Some(g) = self.geo else {
             return Vec::new();

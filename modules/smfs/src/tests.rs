@@ -221,7 +221,9 @@ use proptest::prelude::*;
 /// request, each new lock ranks above every lock taken before it (unlock is deferred, so
 /// "before" means anywhere earlier in the request); writes to the superblock and inode table
 /// are exactly one field set / one inode slot. It also records the fault sites asked about and
-/// can arm one.
+/// can arm one. And it records each request's change the way the host does for the commit
+/// check (`fsapi::CommitView`): old bytes of every block written, blocks allocated, frees
+/// deferred to the end of the request.
 struct Rec {
     pm: MemPm,
     /// Locks taken in the current request, in order.
@@ -229,6 +231,13 @@ struct Rec {
     itable_blocks: u64,
     sites: BTreeSet<u32>,
     armed: Option<u32>,
+    /// How often the armed site fired.
+    hits: u32,
+    pre: HashMap<u64, Vec<u8>>,
+    born: BTreeSet<u64>,
+    fresh: BTreeSet<u64>,
+    freed: BTreeSet<u64>,
+    written: BTreeSet<u64>,
 }
 
 impl Rec {
@@ -239,11 +248,73 @@ impl Rec {
             itable_blocks,
             sites: BTreeSet::new(),
             armed: None,
+            hits: 0,
+            pre: HashMap::new(),
+            born: BTreeSet::new(),
+            fresh: BTreeSet::new(),
+            freed: BTreeSet::new(),
+            written: BTreeSet::new(),
         }
     }
     /// A new request begins.
     fn begin(&mut self) {
+        self.end();
         self.taken.clear();
+        self.pre.clear();
+        self.born.clear();
+        self.fresh.clear();
+        self.written.clear();
+    }
+    /// The request ends: its deferred frees happen.
+    fn end(&mut self) {
+        for b in std::mem::take(&mut self.freed) {
+            self.pm.free_blk(BlockNo(b)).unwrap();
+        }
+    }
+}
+
+impl fsapi::CommitView for Rec {
+    fn block_size(&self) -> usize {
+        self.pm.block_size()
+    }
+    fn nblocks(&self) -> u64 {
+        self.pm.nblocks()
+    }
+    fn before(&self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
+        if self.born.contains(&b.0) {
+            buf.fill(0);
+        } else if let Some(p) = self.pre.get(&b.0) {
+            buf.copy_from_slice(&p[off..off + buf.len()]);
+        } else {
+            self.pm.peek(b, off, buf)?;
+        }
+        Ok(())
+    }
+    fn after(&self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
+        self.pm.peek(b, off, buf)
+    }
+    fn written(&self) -> Vec<BlockNo> {
+        self.written
+            .iter()
+            .filter(|b| !self.born.contains(b) || self.fresh.contains(b))
+            .chain(&self.fresh)
+            .copied()
+            .collect::<BTreeSet<u64>>()
+            .into_iter()
+            .map(BlockNo)
+            .collect()
+    }
+    fn allocated(&self) -> Vec<BlockNo> {
+        self.fresh.iter().copied().map(BlockNo).collect()
+    }
+    fn freed(&self) -> Vec<BlockNo> {
+        self.freed.iter().copied().map(BlockNo).collect()
+    }
+    fn locks(&self) -> Vec<LockId> {
+        self.taken.clone()
+    }
+    fn refs(&self, ino: Ino) -> u32 {
+        self.pm.refs(ino)
     }
 }
 
@@ -274,13 +345,33 @@ impl Pm for Rec {
                 data.len()
             );
         }
+        if !self.born.contains(&b.0) && !self.pre.contains_key(&b.0) {
+            let mut old = vec![0u8; self.pm.block_size()];
+            self.pm.peek(b, 0, &mut old)?;
+            self.pre.insert(b.0, old);
+        }
+        self.written.insert(b.0);
         self.pm.bwrite(b, off, data)
     }
     fn get_next_blk(&mut self) -> FsResult<BlockNo> {
-        self.pm.get_next_blk()
+        let b = self.pm.get_next_blk()?;
+        self.born.insert(b.0);
+        self.fresh.insert(b.0);
+        Ok(b)
     }
     fn free_blk(&mut self, b: BlockNo) -> FsResult<()> {
-        self.pm.free_blk(b)
+        if self.fresh.remove(&b.0) {
+            return self.pm.free_blk(b);
+        }
+        // Deferred, as the host defers it: a block freed now is not handed out again
+        // within the same request.
+        if self.freed.contains(&b.0) {
+            return Err(Errno::EINVAL);
+        }
+        let mut probe = [0u8; 1];
+        self.pm.peek(b, 0, &mut probe)?;
+        self.freed.insert(b.0);
+        Ok(())
     }
     fn vref(&mut self, ino: Ino) -> FsResult<()> {
         self.pm.vref(ino)
@@ -315,7 +406,9 @@ impl Pm for Rec {
     }
     fn site(&mut self, id: u32) -> bool {
         self.sites.insert(id);
-        self.armed == Some(id)
+        let fire = self.armed == Some(id);
+        self.hits += u32::from(fire);
+        fire
     }
 }
 
@@ -438,11 +531,18 @@ impl Driver {
         panic!("directory cycle above {d}");
     }
 
-    /// Runs one op; the error it returned, if any (never EUCLEAN or ESTALE when alone).
+    /// Runs one op; the error it returned, if any (never EUCLEAN or ESTALE when alone). A
+    /// successful op must pass its commit check.
     fn run(&mut self, op: &Op) -> Option<Errno> {
         self.pm.begin();
         let r = self.step(op);
         assert_eq!(self.pm.pm.held_locks(), 0, "{op:?} left locks held");
+        if r.is_ok()
+            && let Err(why) = self.fs.check_commit(&self.pm)
+        {
+            panic!("{op:?}: the commit check rejected a correct operation: {why}");
+        }
+        self.pm.end();
         if let Err(e) = r {
             assert_ne!(
                 e,
@@ -596,6 +696,10 @@ impl Driver {
             for _ in 0..n {
                 self.pm.begin();
                 self.fs.release(&mut self.pm, ino, Fh(0)).unwrap();
+                if let Err(why) = self.fs.check_commit(&self.pm) {
+                    panic!("release of {ino}: the commit check rejected it: {why}");
+                }
+                self.pm.end();
             }
         }
     }
@@ -1252,4 +1356,81 @@ fn concurrent_contexts_neither_deadlock_nor_corrupt() {
     eprintln!("lock waits: {waits}");
     let mut pm = Arc::try_unwrap(sh).ok().unwrap().pm.into_inner().unwrap();
     assert_eq!(fs.fsck(&mut pm).unwrap(), Vec::<String>::new());
+}
+
+/// Issue 6: what the injected logic faults leave behind, the commit check sees before it is
+/// committed. For every software fault site (memory-fault sites need the host), random
+/// workloads run with the site armed; each request that succeeds must pass its commit check,
+/// or the run stops there (the host would undo it); a request that fails after changing
+/// something stops the run too (the host would roll it back; `MemPm` cannot). A run that goes
+/// on must leave a store `fsck` finds clean: corruption that got past the commit check is the
+/// "silent corruption" of the campaign, and there must be none.
+#[test]
+fn commit_check_catches_what_fsck_would() {
+    // Quiet: faulty variants panic on purpose.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(commit_check_runs);
+    std::panic::set_hook(hook);
+    let (fired, caught, escaped) = r.expect("the test itself panicked");
+    assert!(fired > 100 && caught > 20, "fired {fired}, caught {caught}");
+    assert!(
+        escaped.is_empty(),
+        "{} runs got past the commit check:\n{}",
+        escaped.len(),
+        escaped.join("\n")
+    );
+}
+
+fn commit_check_runs() -> (usize, usize, Vec<String>) {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strat = proptest::collection::vec(op_strategy(), 30..90);
+    let mut escaped = Vec::new();
+    let (mut fired, mut caught) = (0, 0);
+    // Hangs are the host's deadline's to catch; this test runs requests inline.
+    let software = SITES.iter().filter(|s| {
+        !s.kind.is_matrix_row()
+            && !matches!(s.kind, SiteKind::BitFlip | SiteKind::PointerCorruption)
+            && !s.what.contains("a hang")
+    });
+    for site in software {
+        for _ in 0..6 {
+            let ops = strat.new_tree(&mut runner).unwrap().current();
+            let mut d = Driver::new(2048);
+            d.pm.armed = Some(site.id);
+            for op in &ops {
+                d.pm.begin();
+                let hits = d.pm.hits;
+                // A panic is a crash the host sees (and undoes): the run ends there.
+                let Ok(r) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.step(op)))
+                else {
+                    break;
+                };
+                let changed =
+                    !d.pm.written.is_empty() || !d.pm.fresh.is_empty() || !d.pm.freed.is_empty();
+                if d.pm.hits > hits {
+                    fired += 1;
+                }
+                let stop = match r {
+                    Err(_) => changed,
+                    Ok(()) => d.fs.check_commit(&d.pm).is_err(),
+                };
+                if stop {
+                    caught += usize::from(r.is_ok());
+                    break;
+                }
+                d.pm.end();
+                let problems = d.fs.fsck(&mut d.pm).unwrap();
+                if !problems.is_empty() {
+                    escaped.push(format!(
+                        "site {} ({}) after {op:?}: {problems:?}",
+                        site.id, site.what
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    (fired, caught, escaped)
 }

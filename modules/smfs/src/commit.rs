@@ -371,8 +371,7 @@ impl Smfs {
                     ib.nblk, ia.nblk
                 ));
             }
-            let bs = g.bs as u64;
-            let (size_b, size_a) = (ib.size.div_ceil(bs), ia.size.div_ceil(bs));
+            let (size_b, size_a) = (g.size_blocks(&ib), g.size_blocks(&ia));
             if let Some((l, _)) = d.added.data.range(size_a..).next() {
                 return Err(format!(
                     "ino {ino}: data block at logical {l} beyond size {}",

@@ -341,7 +341,7 @@ impl Smfs {
         let nd = NDIRECT as u64;
         // The logical blocks each root covers: (first lbn, level).
         let roots = [(nd, 1u32), (nd + per, 2u32), (nd + per + per * per, 3u32)];
-        let size_blocks = i.size.div_ceil(g.bs as u64);
+        let size_blocks = g.size_blocks(i);
         let mut count = 0u64;
         let mut data: Vec<(u64, u64)> = Vec::new();
         for (k, p) in i.ptr.iter().enumerate() {
@@ -368,10 +368,8 @@ impl Smfs {
             ));
         }
         if kind == FileKind::Dir {
-            let need = i.size / DIRENT_SIZE as u64;
-            let spb = (g.bs / DIRENT_SIZE) as u64;
             let have: HashSet<u64> = data.iter().map(|(l, _)| *l).collect();
-            if (0..need.div_ceil(spb)).any(|l| !have.contains(&l)) {
+            if (0..size_blocks).any(|l| !have.contains(&l)) {
                 r.add(format!("dir {ino}: hole in its entries"));
             }
         }

@@ -12,8 +12,10 @@
 //!   blocks, and pointer blocks (4 direct pointers, one indirect, one double, one triple
 //!   indirect; 0 is a hole, which is how sparse files work);
 //! - a directory's data is an array of 272-byte entries (ino, kind, name length, name); ino 0
-//!   is a free slot. `.` and `..` are not stored: a directory keeps its parent in `rdev`.
-//!   Directories have no holes. Link counts: a file's is the number of entries naming it; a
+//!   is a free slot. An entry never straddles blocks (15 to a 4 KiB block, the rest unused),
+//!   so a directory's size counts slots and its blocks are `slots / per_block` rounded up,
+//!   not `size / bs`. `.` and `..` are not stored: a directory keeps its parent in `rdev`.
+//!   Directories have no holes and never shrink (removing a name clears its slot). Link counts: a file's is the number of entries naming it; a
 //!   directory's is 2 plus the number of its subdirectories (whose `rdev` names it).
 //!
 //! # Concurrency and the lock order
@@ -223,6 +225,17 @@ impl Geometry {
     }
     fn max_bytes(&self) -> u64 {
         self.max_blocks() * self.bs as u64
+    }
+    /// How many logical blocks `i`'s size spans. A directory packs whole entries into each
+    /// block and leaves the tail unused (4096 / 272: 15 entries, 16 bytes spare), so its
+    /// entry count, not its byte size, says how many blocks it has: from 256 entries on,
+    /// `size / bs` falls a block short.
+    fn size_blocks(&self, i: &Inode) -> u64 {
+        if i.is_dir() {
+            (i.size / DIRENT_SIZE as u64).div_ceil((self.bs / DIRENT_SIZE) as u64)
+        } else {
+            i.size.div_ceil(self.bs as u64)
+        }
     }
 }
 

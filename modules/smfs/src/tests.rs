@@ -1433,4 +1433,223 @@ fn commit_check_runs() -> (usize, usize, Vec<String>) {
         }
     }
     (fired, caught, escaped)
+
+// ---- Big directories ----
+
+/// Every name `readdir` lists in `dir` (beyond `.` and `..`), paging in odd-sized batches so
+/// the resume offsets cross block boundaries; checks each offset is strictly increasing.
+fn list(fs: &mut Smfs, pm: &mut MemPm, dir: Ino) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut off = 0;
+    loop {
+        let batch = fs.readdir(pm, dir, off, 13).unwrap();
+        let Some(last) = batch.last() else { break };
+        for e in &batch {
+            assert!(e.offset > off, "readdir offset went backwards");
+            off = e.offset;
+            if e.name != b"." && e.name != b".." {
+                let n = String::from_utf8(e.name.clone()).unwrap();
+                assert!(out.insert(n.clone()), "readdir listed {n} twice");
+            }
+        }
+        off = last.offset;
+    }
+    out
+}
+
+/// `dir` lists exactly `live`, each live name looks up to its kind, each of `gone` is absent,
+/// and the whole store passes fsck.
+fn check_big_dir(
+    fs: &mut Smfs,
+    pm: &mut MemPm,
+    dir: Ino,
+    live: &BTreeSet<String>,
+    gone: &BTreeSet<String>,
+    step: &str,
+) {
+    assert_eq!(&list(fs, pm, dir), live, "{step}: readdir");
+    for n in live {
+        let a = fs.lookup(pm, &C, dir, n.as_bytes()).unwrap();
+        let want = if n.starts_with('d') {
+            FileKind::Dir
+        } else {
+            FileKind::Fifo
+        };
+        assert_eq!(a.kind, want, "{step}: lookup {n}");
+    }
+    for n in gone {
+        assert_eq!(
+            fs.lookup(pm, &C, dir, n.as_bytes()).map(|a| a.ino),
+            Err(Errno::ENOENT),
+            "{step}: lookup of removed {n}"
+        );
+    }
+    assert_eq!(fs.fsck(pm).unwrap(), Vec::<String>::new(), "{step}: fsck");
+    assert_eq!(pm.held_locks(), 0);
+}
+
+/// Every tenth entry is a directory (so link counts and `rdev` move too), the rest fifos.
+fn big_name(i: usize) -> String {
+    if i.is_multiple_of(10) {
+        format!("d{i:04}")
+    } else {
+        format!("n{i:04}-{}", "x".repeat(i % 40))
+    }
+}
+
+fn add_big(fs: &mut Smfs, pm: &mut MemPm, dir: Ino, name: &str) {
+    if name.starts_with('d') {
+        fs.mkdir(pm, &C, dir, name.as_bytes(), 0o755, 0).unwrap();
+    } else {
+        fs.mknod(pm, &C, dir, name.as_bytes(), libc::S_IFIFO | 0o644, 0, 0)
+            .unwrap();
+    }
+}
+
+fn remove_big(fs: &mut Smfs, pm: &mut MemPm, dir: Ino, name: &str) {
+    if name.starts_with('d') {
+        fs.rmdir(pm, &C, dir, name.as_bytes()).unwrap();
+    } else {
+        fs.unlink(pm, &C, dir, name.as_bytes()).unwrap();
+    }
+}
+
+#[test]
+fn a_directory_of_a_thousand_entries_survives_adds_removes_and_renames() {
+    // 32 MiB: 2048 inodes, room for two directories of 1000 entries.
+    let mut pm = MemPm::new(4096, 8192);
+    let mut fs = Smfs::new();
+    fs.mkfs(&mut pm).unwrap();
+    let a = fs
+        .mkdir(&mut pm, &C, Ino::ROOT, b"a", 0o755, 0)
+        .unwrap()
+        .ino;
+    let b = fs
+        .mkdir(&mut pm, &C, Ino::ROOT, b"b", 0o755, 0)
+        .unwrap()
+        .ino;
+    const N: usize = 1000;
+    let mut live = BTreeSet::new();
+    let mut gone = BTreeSet::new();
+    for i in 0..N {
+        let n = big_name(i);
+        add_big(&mut fs, &mut pm, a, &n);
+        live.insert(n);
+        // Each count of whole blocks and one past it, to beyond 256 (the first count whose
+        // blocks `size / bs` undercounts); the full count is checked below.
+        if i < 300 && (i % 15 == 0 || i % 15 == 14) {
+            assert_eq!(
+                fs.fsck(&mut pm).unwrap(),
+                Vec::<String>::new(),
+                "fsck after {} entries",
+                i + 1
+            );
+        }
+    }
+    check_big_dir(&mut fs, &mut pm, a, &live, &gone, "created");
+    // fsck stays strict: one entry fewer than the last block starts with leaves that block
+    // beyond the size.
+    let (ab, aoff) = islot(a);
+    let orig = raw_inode(&fs, &mut pm, a).encode();
+    let short = ((N as u64 - 1) / 15 * 15 * DIRENT_SIZE as u64).to_le_bytes();
+    poke(&mut pm, ab, aoff + 16, &short);
+    fsck_has(&mut fs, &mut pm, "beyond size");
+    poke(&mut pm, ab, aoff, &orig);
+    assert_eq!(fs.getattr(&mut pm, a).unwrap().nlink, 2 + N as u32 / 10);
+
+    // Every other one: a hole in every block.
+    for i in (0..N).step_by(2) {
+        let n = big_name(i);
+        remove_big(&mut fs, &mut pm, a, &n);
+        live.remove(&n);
+        gone.insert(n);
+    }
+    check_big_dir(&mut fs, &mut pm, a, &live, &gone, "every other removed");
+
+    // The last 300 created: the tail blocks hold nothing live.
+    for i in N - 300..N {
+        let n = big_name(i);
+        if live.remove(&n) {
+            remove_big(&mut fs, &mut pm, a, &n);
+            gone.insert(n);
+        }
+    }
+    check_big_dir(&mut fs, &mut pm, a, &live, &gone, "tail removed");
+
+    // New names fill the holes, then go on past the old end.
+    for i in N..N + 600 {
+        let n = big_name(i);
+        add_big(&mut fs, &mut pm, a, &n);
+        live.insert(n);
+    }
+    check_big_dir(&mut fs, &mut pm, a, &live, &gone, "refilled");
+
+    // Fill b, then rename within a, from a to b, from b to a, and onto existing names.
+    for i in 0..400 {
+        let n = format!("b{i:04}");
+        fs.mknod(&mut pm, &C, b, n.as_bytes(), libc::S_IFIFO | 0o644, 0, 0)
+            .unwrap();
+    }
+    let names: Vec<String> = live.iter().cloned().collect();
+    for (k, n) in names.iter().enumerate() {
+        match k % 4 {
+            // Within a, to a fresh name (same kind prefix).
+            0 => {
+                let to = format!("{}-r", n);
+                fs.rename(&mut pm, &C, a, n.as_bytes(), a, to.as_bytes(), 0)
+                    .unwrap();
+                live.remove(n);
+                gone.insert(n.clone());
+                live.insert(to);
+            }
+            // Across to b and back under a new name.
+            1 => {
+                let mid = format!("{}-b", n);
+                fs.rename(&mut pm, &C, a, n.as_bytes(), b, mid.as_bytes(), 0)
+                    .unwrap();
+                let back = format!("{}-ab", n);
+                fs.rename(&mut pm, &C, b, mid.as_bytes(), a, back.as_bytes(), 0)
+                    .unwrap();
+                live.remove(n);
+                gone.insert(n.clone());
+                live.insert(back);
+            }
+            // Across to b for good.
+            2 => {
+                fs.rename(&mut pm, &C, a, n.as_bytes(), b, n.as_bytes(), 0)
+                    .unwrap();
+                live.remove(n);
+                gone.insert(n.clone());
+            }
+            _ => {}
+        }
+    }
+    // Over existing fifos of b (replacing them).
+    for i in 0..100 {
+        let from = format!("b{i:04}");
+        let onto = format!("b{:04}", 399 - i);
+        fs.rename(&mut pm, &C, b, from.as_bytes(), b, onto.as_bytes(), 0)
+            .unwrap();
+    }
+    check_big_dir(&mut fs, &mut pm, a, &live, &gone, "renamed");
+
+    // Everything goes; the empty directories can be removed.
+    for n in std::mem::take(&mut live) {
+        remove_big(&mut fs, &mut pm, a, &n);
+        gone.insert(n);
+    }
+    check_big_dir(&mut fs, &mut pm, a, &live, &gone, "all removed");
+    let rest: Vec<String> = list(&mut fs, &mut pm, b).into_iter().collect();
+    for n in rest {
+        remove_big(&mut fs, &mut pm, b, &n);
+    }
+    fs.rmdir(&mut pm, &C, Ino::ROOT, b"a").unwrap();
+    fs.rmdir(&mut pm, &C, Ino::ROOT, b"b").unwrap();
+    assert_eq!(fs.fsck(&mut pm).unwrap(), Vec::<String>::new());
+    // Every block of a and b came back: only the metadata and the root's one entry block
+    // stay in use.
+    assert_eq!(
+        pm.free_blocks(),
+        pm.nblocks() - 1 - fs.geo.unwrap().itable_blocks - 1,
+    );
 }

@@ -1433,6 +1433,7 @@ fn commit_check_runs() -> (usize, usize, Vec<String>) {
         }
     }
     (fired, caught, escaped)
+}
 
 // ---- Big directories ----
 

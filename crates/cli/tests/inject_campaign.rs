@@ -1,5 +1,5 @@
 //! A small fault-injection campaign (issue 6) on the real binary: 100 runs with containment,
-//! each mounting SMFS at level 4, a three-client workload, one fault site fired for one client,
+//! each mounting SMFS at level 3 (the default), a three-client workload, one fault site fired for one client,
 //! then probe, data check and fsck. Checks the JSON is exactly the issue's object, that the runs
 //! add up, that faults really fire, and that no run hangs (no deadlock after a contained fault).
 //! The rates themselves are measured by `kintsugi bench inject` (BENCHMARKS.md), not asserted.

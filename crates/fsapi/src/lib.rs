@@ -322,7 +322,7 @@ pub enum Check {
 }
 
 /// One request's change to host data, as the protection manager holds it when the request
-/// ends and before the change becomes permanent (levels 1–4; [`Module::check_commit`]): the
+/// ends and before the change becomes permanent ([`Module::check_commit`]): the
 /// store as the request found it and as it would leave it, and what the request allocated,
 /// freed, wrote and locked. Everything here is the host's record, not the module's word.
 pub trait CommitView {
@@ -599,12 +599,12 @@ pub trait Module: Send {
     fn fsck(&mut self, _pm: &mut dyn Pm) -> FsResult<Vec<FsckProblem>> {
         Ok(Vec::new())
     }
-    /// Checks what one request changed before the change becomes permanent (levels 1–4; the
-    /// host calls it when the request succeeded and changed host data): the structure the
-    /// request touched must be consistent, as `fsck` would find it, with everything else
-    /// unchanged. `Err` (what is wrong) makes the host treat the request as a failed check:
-    /// at levels 1–3 nothing of it is applied; at level 4 it is rolled back. An incremental
-    /// `fsck` of what the request locked; the default checks nothing.
+    /// Checks what one request changed before the change becomes permanent (levels 1–3, with
+    /// the other semantic checks, when the request succeeded and changed host data): the
+    /// structure the request touched must be consistent, as `fsck` would find it, with
+    /// everything else unchanged. `Err` (what is wrong) rejects the write-back: nothing of the
+    /// request is applied, and the host treats it as a failed check. An incremental `fsck` of
+    /// what the request locked; the default checks nothing.
     fn check_commit(&self, _c: &dyn CommitView) -> Result<(), String> {
         Ok(())
     }

@@ -1002,9 +1002,12 @@ fn spawn_context(
             tracing::error!("context {i}: cannot set up memory protection: {e}");
             return 70;
         }
-        // The stock baseline (`--recovery none`) has no commit check: the check is a detector
-        // of the recovery ladder, and a detection there could only end the file system.
-        let checked = opts.recovery != Recovery::None;
+        // The commit check is part of levels 1–3's semantic checks (Table 4: duplication +
+        // checks); level 4 has none, as in the paper (Table 5: invalid updates go undetected
+        // there). The stock baseline (`--recovery none`) has none either: the check is a
+        // detector of the recovery ladder, and a detection there could only end the file
+        // system.
+        let checked = level.duplication() && opts.recovery != Recovery::None;
         let flags = ContextFlags { contain, checked };
         context_main(i, &mut **module, &store, ring, flags, level, page.addr())
     })

@@ -53,17 +53,6 @@ impl Patch {
         }
     }
 
-    /// Like [`Patch::put`], for the bytes not written yet only (keeps the oldest value).
-    fn put_under(&mut self, off: usize, bytes: &[u8]) {
-        for (k, &v) in bytes.iter().enumerate() {
-            let i = off + k;
-            if !self.has(i) {
-                self.data[i] = v;
-                self.mask[i / 64] |= 1 << (i % 64);
-            }
-        }
-    }
-
     fn has(&self, i: usize) -> bool {
         self.mask[i / 64] & (1 << (i % 64)) != 0
     }
@@ -345,12 +334,10 @@ pub struct HostPm<'a> {
     /// slot (level 4). Without it a wait only ends with the lock or the last-resort timeout.
     waits: Option<(&'a crate::ring::Ring, usize)>,
     /// What the commit check sees ([`HostPm::check_commit`]): every block allocated during
-    /// the request (freed again or not), every block written, every lock taken, and (level 4,
-    /// where writes go to the store at once) the bytes each write replaced, first write wins.
+    /// the request (freed again or not), every block written, every lock taken.
     born: HashSet<u64>,
     written: BTreeSet<u64>,
     locked: Vec<LockId>,
-    pre: BTreeMap<u64, Patch>,
 }
 
 /// Where the armed fault site lives: the ring header at levels 1–4 (every context sees it),
@@ -446,7 +433,6 @@ impl<'a> HostPm<'a> {
             born: HashSet::new(),
             written: BTreeSet::new(),
             locked: Vec::new(),
-            pre: BTreeMap::new(),
         }
     }
 
@@ -499,12 +485,6 @@ impl<'a> HostPm<'a> {
             let mut old = vec![0u8; data.len()];
             self.sread(b, off, &mut old);
             self.log(K_BLOCK, b, off as u64, &old)?;
-            if self.dup.is_none() && !self.born.contains(&b) {
-                self.pre
-                    .entry(b)
-                    .or_insert_with(Patch::new)
-                    .put_under(off, &old);
-            }
         }
         if self.swrite(b, off, data) {
             Ok(())
@@ -550,11 +530,11 @@ impl<'a> HostPm<'a> {
         Ok(patches.len())
     }
 
-    /// Levels 1–4, end of a request the module answered successfully, before write-back
-    /// (1–3) or commit (4): the module's own incremental consistency check of what the
-    /// request changed ([`fsapi::Module::check_commit`]). `Err` says what is wrong.
+    /// Levels 1–3, end of a request the module answered successfully, before write-back: the
+    /// module's own incremental consistency check of what the request changed
+    /// ([`fsapi::Module::check_commit`]). `Err` says what is wrong.
     pub fn check_commit(&self, module: &dyn fsapi::Module) -> Result<(), String> {
-        if !self.mutated || self.log.is_none() {
+        if !self.mutated || self.dup.is_none() {
             return Ok(());
         }
         module.check_commit(self)
@@ -844,10 +824,10 @@ impl Pm for HostPm<'_> {
 }
 
 /// The store as a request at levels 1–3 would leave it: the checker's view.
-/// The request's change as [`fsapi::Module::check_commit`] sees it. Levels 1–3: the store is
-/// "before" and the private copies make "after". Level 4: the store is "after" and the bytes
-/// each write replaced make "before". A block allocated in the request was zero-filled then,
-/// and reads as zeros before it.
+/// The request's change as [`fsapi::Module::check_commit`] sees it (levels 1–3): the store is
+/// "before" and the private copies make "after". A block allocated in the request was
+/// zero-filled then, and reads as zeros before it. (Blocks the request freed stay allocated
+/// until it commits, so none of them can have been handed out again meanwhile.)
 impl CommitView for HostPm<'_> {
     fn block_size(&self) -> usize {
         BLOCK_SIZE
@@ -863,13 +843,11 @@ impl CommitView for HostPm<'_> {
             buf.fill(0);
             return Ok(());
         }
-        if !self.sread(b.0, off, buf) {
-            return Err(Errno::EIO);
+        if self.sread(b.0, off, buf) {
+            Ok(())
+        } else {
+            Err(Errno::EIO)
         }
-        if let Some(p) = self.pre.get(&b.0) {
-            p.overlay(off, buf);
-        }
-        Ok(())
     }
     fn after(&self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
         if off + buf.len() > BLOCK_SIZE || b.0 >= self.store.nblocks() {

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use fs_common::*;
 
-/// Directories the links go into, and names of the file per directory. Kept small per
-/// directory: an SMFS directory of more than ~240 entries shows an unrelated fsck finding.
+/// Directories the links go into, and names of the file per directory (enough concurrent
+/// link/unlink pairs for the lock-order site to deadlock within the test's time).
 const DIRS: usize = 12;
 const NAMES: usize = 200;
 const CONTENT: &[u8] = b"the one file every name leads to\n";

@@ -3,7 +3,9 @@
 //! one context is replaced and another client works on untouched. Then a crash after a global
 //! write escalates: rollback, module restart, the request retried. `kintsugi fsck` is clean.
 //! Last, at protection level 1 an invalid update and a stray write into shared memory, both
-//! invisible at level 4, are detected and contained (issue 5).
+//! invisible at level 4, are detected and contained (issue 5), and so is a logic fault that
+//! crashes nothing but leaves a wrong link count: the commit check rejects it before
+//! write-back (issue 6).
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -113,6 +115,32 @@ fn protection_level_1(say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
             s["last_error"].as_str().unwrap_or("?")
         ));
     }
+    // Issue 6: a logic fault that crashes nothing and writes a well-formed but wrong update
+    // (unlink forgets the link count). Level 4 would commit it and only fsck would notice;
+    // the commit check sees it before write-back.
+    write_synced(&dir.join("victim"), b"to be unlinked")?;
+    let site = sites
+        .iter()
+        .find(|s| s.id == 17)
+        .context("smfs lacks site 17")?;
+    kintsugi(&["fsctl", &mp, "arm-site", "17"])?;
+    let r = std::fs::remove_file(dir.join("victim"));
+    kintsugi(&["fsctl", &mp, "arm-site", "0"])?;
+    ensure!(
+        r.is_err(),
+        "the commit check should have caught: {}",
+        site.what
+    );
+    ensure!(
+        dir.join("victim").exists(),
+        "a rejected unlink must leave nothing of itself"
+    );
+    let s = status(&mp)?;
+    say(&format!(
+        "module fault \"{}\" (no crash, a wrong update) → detected: {} → nothing applied, that request got EIO, contained",
+        site.what,
+        s["last_error"].as_str().unwrap_or("?")
+    ));
     let keep = std::fs::read(dir.join("keep"))?;
     ensure!(
         keep == b"acknowledged before the errors",

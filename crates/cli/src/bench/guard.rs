@@ -5,7 +5,8 @@
 //!
 //! Syscalls: a native and a guarded copy of the workload run side by side, pinned to the same
 //! CPU, and take turns batch by batch (40 batches per kind each, after a warm-up batch); each
-//! side's fastest batch's mean per call is reported.
+//! side's fastest batch's mean per call is reported. Only the two programs are pinned: the
+//! guard's own threads float, as they do in real use.
 //!
 //! Pause = from PTRACE_SEIZE to PTRACE_DETACH of one epoch (the program is stopped for that
 //! long); p50/p99 are over the incremental epochs (the first, full capture is reported apart

@@ -436,6 +436,30 @@ mod tests {
         assert!(f.traps(0x4000_0003, 20), "i386 calls are trapped");
     }
 
+    /// The kernel caches, per syscall number, "this filter allows it" when emulating the
+    /// program with only arch and nr known reaches `ret ALLOW` (seccomp_cache_prepare): then an
+    /// untrapped call runs no BPF at all. Only loads of `nr`/`arch`, `jeq`/`jge`/`jgt`/`jset`
+    /// with constants and constant returns keep a path emulable. Measured here (getpid, docs/
+    /// guard.md): cached ≈ +33 ns over native, the same filter with one `ld args[0]` in front
+    /// ≈ +56 ns.
+    #[test]
+    fn filter_stays_cacheable_by_the_kernel() {
+        // As many numbers as the guard traps, so the decision tree has inner nodes.
+        let nrs: Vec<i64> = (0..42).map(|n| n * 7).collect();
+        let f = NotifyFilter::new(&nrs).unwrap();
+        for (pc, i) in f.instructions().iter().enumerate() {
+            let ok = match i.code {
+                BPF_LD_W_ABS => i.k == 0 || i.k == 4,
+                BPF_JEQ_K | BPF_JGE_K | BPF_RET_K => true,
+                _ => false,
+            };
+            assert!(
+                ok,
+                "instruction {pc} {i:?} defeats the kernel's action cache"
+            );
+        }
+    }
+
     #[test]
     fn notification_round_trip_in_a_forked_child() {
         let f = NotifyFilter::new(&[libc::SYS_getppid]).unwrap();

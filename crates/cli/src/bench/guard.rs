@@ -3,8 +3,10 @@
 //! for 10 MB, 100 MB and 1 GB of RSS at several dirty rates; (c) restore time for the same
 //! sizes. The guarded program is this binary re-executed as `kintsugi __guard-bench-child`.
 //!
-//! Syscalls: each kind runs in 10 batches per process; the fastest batch's mean per call is
-//! reported (native and guarded alike).
+//! Syscalls: a native and a guarded copy of the workload run side by side, pinned to the same
+//! CPU, and take turns batch by batch (40 batches per kind each, after a warm-up batch); each
+//! side's fastest batch's mean per call is reported. Only the two programs are pinned: the
+//! guard's own threads float, as they do in real use.
 //!
 //! Pause = from PTRACE_SEIZE to PTRACE_DETACH of one epoch (the program is stopped for that
 //! long); p50/p99 are over the incremental epochs (the first, full capture is reported apart
@@ -39,6 +41,10 @@ pub struct Args {
     /// Directory for images (default: a fresh one under /var/tmp).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// CPU both sides of the syscall microbenchmark are pinned to (default: the last CPU this
+    /// process may use).
+    #[arg(long)]
+    pub cpu: Option<usize>,
     /// Print the JSON object only.
     #[arg(long)]
     pub json: bool,
@@ -47,7 +53,7 @@ pub struct Args {
 /// `kintsugi __guard-bench-child …`: the guarded workload.
 #[derive(Debug, clap::Args)]
 pub struct ChildArgs {
-    /// "syscalls N", "dirty RSS_MB RATE_MB_S READY_FILE" or "counter N FILE".
+    /// "syscalls CPU|-" (then "CALL N" lines on stdin), "dirty RSS_MB RATE_MB_S READY_FILE" or "counter N FILE".
     #[arg(trailing_var_arg = true)]
     pub args: Vec<String>,
 }
@@ -89,40 +95,23 @@ const CALLS: [&str; 4] = ["getpid", "open_close", "read", "write"];
 pub fn child(a: ChildArgs) -> anyhow::Result<ExitCode> {
     match a.args.first().map(String::as_str) {
         Some("syscalls") => {
-            let n: u64 = a.args.get(1).context("syscalls N")?.parse()?;
+            // Serves batches on request, so the bench can alternate native and guarded batches
+            // side by side: reads "CALL N" lines from stdin, runs N calls, answers the mean ns
+            // per call on stdout; ends at EOF. Pinned to CPU (or "-": not pinned) first.
+            if let Some(cpu) = a.args.get(1).and_then(|c| c.parse::<usize>().ok()) {
+                pin_to(cpu)?;
+            }
             let mut zero = std::fs::File::open("/dev/zero")?;
             let mut null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-            let mut buf = [0u8; 1];
-            let mut out = String::new();
-            // Ten batches per kind; the fastest batch's mean is reported, so a burst of
-            // unrelated load on this 2-core machine does not decide the ratio.
-            let batches = 10u64;
-            let per = (n / batches).max(1);
-            for call in CALLS {
-                let mut best = f64::MAX;
-                for _ in 0..batches {
-                    let t0 = Instant::now();
-                    for _ in 0..per {
-                        match call {
-                            "getpid" => {
-                                std::hint::black_box(std::process::id());
-                            }
-                            "open_close" => {
-                                drop(std::hint::black_box(std::fs::File::open("/dev/null")?))
-                            }
-                            "read" => {
-                                std::io::Read::read(&mut zero, &mut buf)?;
-                            }
-                            _ => {
-                                null.write_all(&buf)?;
-                            }
-                        }
-                    }
-                    best = best.min(t0.elapsed().as_nanos() as f64 / per as f64);
-                }
-                out.push_str(&format!("{call} {best:.1}\n"));
+            let mut out = std::io::stdout().lock();
+            for line in std::io::stdin().lines() {
+                let line = line?;
+                let (call, n) = line.split_once(' ').context("CALL N")?;
+                let n: u64 = n.trim().parse()?;
+                let t = batch(call, n, &mut zero, &mut null)?;
+                writeln!(out, "{:.3}", t.as_nanos() as f64 / n.max(1) as f64)?;
+                out.flush()?;
             }
-            std::io::stdout().write_all(out.as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
         Some("dirty") => {
@@ -163,19 +152,158 @@ pub fn child(a: ChildArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         _ => bail!(
-            "usage: __guard-bench-child syscalls N | dirty RSS_MB RATE READY_FILE | counter N FILE"
+            "usage: __guard-bench-child syscalls CPU|- | dirty RSS_MB RATE READY_FILE | counter N FILE"
         ),
     }
 }
 
-fn parse_calls(out: &str) -> Vec<(String, f64)> {
-    out.lines()
-        .filter_map(|l| {
-            let (c, v) = l.split_once(' ')?;
-            Some((c.to_string(), v.trim().parse().ok()?))
-        })
-        .collect()
+/// Runs `n` calls of one kind and times them. One loop per kind, so the loop holds nothing
+/// but the call.
+fn batch(
+    call: &str,
+    n: u64,
+    zero: &mut std::fs::File,
+    null: &mut std::fs::File,
+) -> anyhow::Result<Duration> {
+    let mut buf = [0u8; 1];
+    let t0 = Instant::now();
+    match call {
+        // std::process::id() is getpid(2): glibc does not cache it.
+        "getpid" => (0..n).for_each(|_| {
+            std::hint::black_box(std::process::id());
+        }),
+        "open_close" => {
+            for _ in 0..n {
+                drop(std::hint::black_box(std::fs::File::open("/dev/null")?));
+            }
+        }
+        "read" => {
+            for _ in 0..n {
+                std::io::Read::read(zero, &mut buf)?;
+            }
+        }
+        "write" => {
+            for _ in 0..n {
+                null.write_all(&buf)?;
+            }
+        }
+        _ => bail!("unknown call {call}"),
+    }
+    Ok(t0.elapsed())
 }
+
+/// Pins the calling process (and what it starts afterwards) to one CPU.
+fn pin_to(cpu: usize) -> anyhow::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).with_context(|| format!("pinning to CPU {cpu}"))
+}
+
+/// One side of the syscall microbenchmark: a `__guard-bench-child syscalls` serving batches.
+struct Side {
+    child: std::process::Child,
+    tx: Option<std::process::ChildStdin>,
+    rx: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Side {
+    fn spawn(mut cmd: Command) -> anyhow::Result<Side> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let tx = child.stdin.take();
+        let rx = std::io::BufReader::new(child.stdout.take().context("child stdout")?);
+        Ok(Side { child, tx, rx })
+    }
+
+    /// Mean ns per call of one batch of `n` calls.
+    fn batch(&mut self, call: &str, n: u64) -> anyhow::Result<f64> {
+        let tx = self.tx.as_mut().context("side closed")?;
+        writeln!(tx, "{call} {n}")?;
+        tx.flush()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.rx, &mut line)?;
+        line.trim()
+            .parse()
+            .with_context(|| format!("batch answer {line:?}"))
+    }
+
+    fn finish(mut self, what: &str) -> anyhow::Result<()> {
+        drop(self.tx.take());
+        let st = self.child.wait()?;
+        if !st.success() {
+            bail!("{what} syscall run failed (exit {:?})", st.code());
+        }
+        Ok(())
+    }
+}
+
+/// The CPU both sides of the syscall microbenchmark run on: the last one this process may
+/// use (CPU 0 takes most interrupts).
+fn bench_cpu(a: &Args) -> anyhow::Result<usize> {
+    if let Some(c) = a.cpu {
+        return Ok(c);
+    }
+    let set = rustix::thread::sched_getaffinity(None).context("sched_getaffinity")?;
+    (0..rustix::thread::CpuSet::MAX_CPU)
+        .rev()
+        .find(|&c| set.is_set(c))
+        .context("no CPU in this process's affinity mask")
+}
+
+/// The syscall microbenchmark, native and guarded side by side: both programs run at once
+/// (each blocked between batches), pinned to the same CPU, and take turns batch by batch
+/// (native first in even rounds, guarded first in odd ones), so load from elsewhere on the
+/// machine and frequency drift fall on both alike. Each side's fastest batch is reported.
+fn syscalls(a: &Args, exe: &Path, base: &Path) -> anyhow::Result<Vec<Syscall>> {
+    let cpu = bench_cpu(a)?.to_string();
+    let mut native = Command::new(exe);
+    native.args(["__guard-bench-child", "syscalls", &cpu]);
+    let mut native = Side::spawn(native)?;
+    let imgs = base.join("syscalls");
+    let mut guarded = Command::new(exe);
+    guarded
+        .args(["guard", "--epoch", "1s", "--images"])
+        .arg(&imgs)
+        .args(["--"])
+        .arg(exe)
+        .args(["__guard-bench-child", "syscalls", &cpu]);
+    let mut guarded = Side::spawn(guarded)?;
+    let batches = BATCHES;
+    let per = (a.calls / batches).max(1);
+    let mut out = Vec::new();
+    for call in CALLS {
+        // Warm-up, not counted: first touches, lazily built kernel state.
+        native.batch(call, (per / 10).max(1))?;
+        guarded.batch(call, (per / 10).max(1))?;
+        let (mut nv, mut gv) = (f64::MAX, f64::MAX);
+        for b in 0..batches {
+            if b % 2 == 0 {
+                nv = nv.min(native.batch(call, per)?);
+                gv = gv.min(guarded.batch(call, per)?);
+            } else {
+                gv = gv.min(guarded.batch(call, per)?);
+                nv = nv.min(native.batch(call, per)?);
+            }
+        }
+        out.push(Syscall {
+            call,
+            native_ns: round1(nv),
+            guarded_ns: round1(gv),
+            ratio: round2(gv / nv),
+        });
+    }
+    native.finish("native")?;
+    guarded.finish("guarded")?;
+    Ok(out)
+}
+
+/// Batches per syscall kind and side. Many short batches (25,000 getpid calls ≈ 3 ms, about a
+/// time slice) rather than a few long ones: the fastest of them is then one nothing else on
+/// this 2-CPU machine interrupted, for both sides alike.
+const BATCHES: u64 = 40;
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -206,52 +334,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn measure(a: &Args, exe: &Path, base: &Path) -> anyhow::Result<Report> {
-    let n = a.calls.to_string();
-    let native = Command::new(exe)
-        .args(["__guard-bench-child", "syscalls", &n])
-        .output()?;
-    if !native.status.success() {
-        bail!(
-            "native syscall run failed: {}",
-            String::from_utf8_lossy(&native.stderr)
-        );
-    }
-    let imgs = base.join("syscalls");
-    let guarded = Command::new(exe)
-        .args(["guard", "--epoch", "1s", "--images"])
-        .arg(&imgs)
-        .args(["--"])
-        .arg(exe)
-        .args(["__guard-bench-child", "syscalls", &n])
-        .stderr(Stdio::inherit())
-        .output()?;
-    if !guarded.status.success() {
-        bail!(
-            "guarded syscall run failed (exit {:?})",
-            guarded.status.code()
-        );
-    }
-    let nat = parse_calls(&String::from_utf8_lossy(&native.stdout));
-    let gua = parse_calls(&String::from_utf8_lossy(&guarded.stdout));
-    let mut syscalls = Vec::new();
-    for call in CALLS {
-        let nv = nat
-            .iter()
-            .find(|x| x.0 == call)
-            .map(|x| x.1)
-            .context("native result missing")?;
-        let gv = gua
-            .iter()
-            .find(|x| x.0 == call)
-            .map(|x| x.1)
-            .context("guarded result missing")?;
-        syscalls.push(Syscall {
-            call,
-            native_ns: round1(nv),
-            guarded_ns: round1(gv),
-            ratio: round2(gv / nv),
-        });
-    }
+    let syscalls = syscalls(a, exe, base)?;
 
     let mut checkpoint = Vec::new();
     let mut restore = Vec::new();

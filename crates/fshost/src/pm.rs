@@ -462,6 +462,20 @@ impl<'a> HostPm<'a> {
         }
     }
 
+    /// Block `b` as this request sees it: the store, with the request's own copies over it
+    /// (levels 1–3). `false` if the store cannot be read there.
+    fn read_seen(&self, b: u64, off: usize, buf: &mut [u8]) -> bool {
+        if !self.sread(b, off, buf) {
+            return false;
+        }
+        if let Some((_, patches)) = &self.dup
+            && let Some(p) = patches.get(&b)
+        {
+            p.overlay(off, buf);
+        }
+        true
+    }
+
     fn swrite(&self, b: u64, off: usize, data: &[u8]) -> bool {
         match self.access {
             Access::Mapped => self.store.write(b, off, data),
@@ -599,15 +613,11 @@ impl Pm for HostPm<'_> {
     }
     fn bread(&mut self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
         self.checkpoint();
-        if !self.sread(b.0, off, buf) {
-            return Err(Errno::EIO);
+        if self.read_seen(b.0, off, buf) {
+            Ok(())
+        } else {
+            Err(Errno::EIO)
         }
-        if let Some((_, patches)) = &self.dup
-            && let Some(p) = patches.get(&b.0)
-        {
-            p.overlay(off, buf);
-        }
-        Ok(())
     }
     fn bwrite(&mut self, b: BlockNo, off: usize, data: &[u8]) -> FsResult<()> {
         self.checkpoint();
@@ -850,18 +860,11 @@ impl CommitView for HostPm<'_> {
         }
     }
     fn after(&self, b: BlockNo, off: usize, buf: &mut [u8]) -> FsResult<()> {
-        if off + buf.len() > BLOCK_SIZE || b.0 >= self.store.nblocks() {
-            return Err(Errno::EIO);
+        if off + buf.len() <= BLOCK_SIZE && self.read_seen(b.0, off, buf) {
+            Ok(())
+        } else {
+            Err(Errno::EIO)
         }
-        if !self.sread(b.0, off, buf) {
-            return Err(Errno::EIO);
-        }
-        if let Some((_, patches)) = &self.dup
-            && let Some(p) = patches.get(&b.0)
-        {
-            p.overlay(off, buf);
-        }
-        Ok(())
     }
     fn written(&self) -> Vec<BlockNo> {
         // A block allocated and freed again within the request was never visible: not a

@@ -81,10 +81,25 @@ const S_DL_SEQ: usize = 260;
 const S_DL_VICTIM: usize = 264;
 const S_DL_SINCE: usize = 272;
 
-/// How long to poll before sleeping on the futex. Polling yields the CPU each round: on this
-/// 2-core machine the client, the host and the module all want a core per request, and a
-/// pure spin starves whichever of them is runnable on the same core.
+/// How long to poll before sleeping on the futex, when there is a second CPU to poll on.
+/// Polling yields the CPU each round: on this 2-core machine the client, the host and the
+/// module all want a core per request, and a pure spin starves whichever of them is runnable
+/// on the same core.
 const SPIN: Duration = Duration::from_micros(40);
+
+/// The poll time for this process: [`SPIN`], or none at all when it may run on one CPU only
+/// (`taskset`, a cpuset, `kintsugi bench fs --cpu`). On one CPU the other side of the ring
+/// cannot make progress while we poll, so each yield is only an extra pair of context
+/// switches between processes: measured with everything on CPU 0, a level-1 SNFS
+/// open+close took 85–95 µs polling and 55–75 µs sleeping at once (`docs/fs.md`). Computed
+/// once per process; contexts inherit it with their affinity.
+fn spin() -> Duration {
+    static S: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *S.get_or_init(|| match std::thread::available_parallelism() {
+        Ok(n) if n.get() == 1 => Duration::ZERO,
+        _ => SPIN,
+    })
+}
 
 /// The ring.
 #[derive(Debug)]
@@ -253,7 +268,7 @@ impl Ring {
                 _ => {}
             }
             let elapsed = start.elapsed();
-            if elapsed < SPIN {
+            if elapsed < spin() {
                 std::thread::yield_now();
                 continue;
             }
@@ -454,7 +469,7 @@ impl Ring {
                 }
             }
             let t = Instant::now();
-            while t.elapsed() < SPIN && st.load(Ordering::Acquire) != REQUEST {
+            while t.elapsed() < spin() && st.load(Ordering::Acquire) != REQUEST {
                 std::thread::yield_now();
             }
             let sleeps = self.word(i, S_WORKER_SLEEPS);

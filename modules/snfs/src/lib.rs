@@ -148,7 +148,7 @@ pub static SITES: &[Site] = &[
     site(
         8,
         StrayWrite,
-        "write: after reading the bucket, a stray write to shared host memory (StrayWrite)",
+        "write: after the server's reply, a stray write to shared host memory (StrayWrite)",
     ),
     site(
         9,
@@ -881,7 +881,6 @@ impl Module for Snfs {
                 _ => return Err(Errno::EIO),
             };
             l.lock_all(pm, s.locks_for(&[ino.0])?)?;
-            s.read_bucket(pm, s.bucket_of(ino.0)?)?;
             pm.site(8);
             if !pm.site(1) {
                 s.store(pm, &a, 1, false)?;

@@ -134,3 +134,43 @@ fn full_log_refuses_the_change_instead_of_losing_undo() {
     log.rollback(&store, Owner(1));
     assert_eq!(store.digest(), before);
 }
+
+proptest! {
+    /// The word-at-a-time patch agrees with a byte-by-byte model: what `overlay` shows, which
+    /// ranges write-back applies.
+    #[test]
+    fn patch_matches_a_byte_model(
+        puts in proptest::collection::vec((0usize..BLOCK_SIZE, 1usize..300, any::<u8>()), 0..12),
+        window in (0usize..BLOCK_SIZE, 0usize..BLOCK_SIZE),
+    ) {
+        let mut p = Patch::new();
+        let mut model: Vec<Option<u8>> = vec![None; BLOCK_SIZE];
+        for (off, len, byte) in puts {
+            let len = len.min(BLOCK_SIZE - off);
+            p.put(off, &vec![byte; len]);
+            for m in &mut model[off..off + len] {
+                *m = Some(byte);
+            }
+        }
+        let mut want = Vec::new();
+        let mut i = 0;
+        while i < BLOCK_SIZE {
+            if model[i].is_some() {
+                let s = i;
+                while i < BLOCK_SIZE && model[i].is_some() {
+                    i += 1;
+                }
+                want.push((s, i));
+            } else {
+                i += 1;
+            }
+        }
+        prop_assert_eq!(p.ranges(), want);
+        let (lo, hi) = (window.0.min(window.1), window.0.max(window.1));
+        let mut buf = vec![0xEEu8; hi - lo];
+        p.overlay(lo, &mut buf);
+        for (k, b) in buf.iter().enumerate() {
+            prop_assert_eq!(*b, model[lo + k].unwrap_or(0xEE));
+        }
+    }
+}

@@ -1,6 +1,8 @@
 //! `kintsugi bench fs`: the paper's two workloads on tmpfs, on the plain-`fuser` baseline, on
 //! SMFS at every level, and on SNFS at every level beside its own baseline (the same server
-//! behind a bare `fuser` client, `kintsugi __snfs-plain`), all in one run so the ratios are fair.
+//! behind a bare `fuser` client, `kintsugi __snfs-plain`), all in one run so the ratios are fair:
+//! every file system is mounted for the whole run and the timed work is interleaved in rounds
+//! (see [`run_with_recovery`]), so a drift in the machine's speed lands on every row alike.
 //! The SNFS server runs on loopback, one per mount with a fresh export, so no mount sees
 //! another's files or server-side caches.
 //!
@@ -83,22 +85,24 @@ fn copy_once(src: &Path, dst: &Path) -> Result<f64, HostError> {
     Ok(t.elapsed().as_secs_f64() * 1e6)
 }
 
-fn copy64k(dir: &Path, reps: usize) -> Result<Vec<f64>, HostError> {
+/// Writes the copy source on `dir` and warms the file system up with `warm` copies.
+fn copy64k_prepare(dir: &Path, warm: usize) -> Result<(), HostError> {
     let src = dir.join("copy-src");
     let mut data = vec![0u8; 64 << 10];
     for (i, b) in data.iter_mut().enumerate() {
         *b = (i * 31 % 251) as u8;
     }
     std::fs::write(&src, &data).map_err(io("write", &src))?;
-    let dst = dir.join("copy-dst");
-    for _ in 0..reps / 20 + 1 {
-        copy_once(&src, &dst)?; // warm-up
+    for _ in 0..warm {
+        copy_once(&src, &dir.join("copy-dst"))?;
     }
-    let mut v = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        v.push(copy_once(&src, &dst)?);
-    }
-    Ok(v)
+    Ok(())
+}
+
+/// `reps` timed copies on a prepared `dir`.
+fn copy64k(dir: &Path, reps: usize) -> Result<Vec<f64>, HostError> {
+    let (src, dst) = (dir.join("copy-src"), dir.join("copy-dst"));
+    (0..reps).map(|_| copy_once(&src, &dst)).collect()
 }
 
 /// Writes the compile workload's sources: 2 headers, 5 C files, about 2,000 lines.
@@ -175,12 +179,13 @@ fn compile_once(dir: &Path) -> Result<f64, HostError> {
     Ok(t.elapsed().as_secs_f64() * 1e6)
 }
 
-fn compile(dir: &Path, reps: usize) -> Result<Vec<f64>, HostError> {
+/// Writes the compile workload's sources on `dir` and builds them once (warm-up, and proof
+/// that they build).
+fn compile_prepare(dir: &Path) -> Result<(), HostError> {
     let d = dir.join("build");
     std::fs::create_dir_all(&d).map_err(io("mkdir", &d))?;
     generate_sources(&d)?;
-    compile_once(&d)?; // warm-up (and proof it builds)
-    (0..reps).map(|_| compile_once(&d)).collect()
+    compile_once(&d).map(drop)
 }
 
 /// A mounted target; unmounted on drop, then its helper processes (an SNFS baseline client,
@@ -290,9 +295,14 @@ impl Target {
         level: u8,
         extra: &[&str],
     ) -> Result<Target, HostError> {
+        // Every target is mounted at once: the restart-only level 4 needs a name of its own.
         let dir = base.join(format!(
             "{module}-l{level}{}",
-            if extra.is_empty() { "" } else { "-x" }
+            if extra.contains(&"restart") {
+                "-restart-only"
+            } else {
+                ""
+            }
         ));
         std::fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
         let out = Command::new(exe)
@@ -539,6 +549,9 @@ pub const SYSTEMS: [(&str, Option<u8>); 15] = [
     ("snfs", Some(1)),
 ];
 
+/// Rounds the copies are interleaved in (fewer if there are fewer copies).
+const ROUNDS: usize = 10;
+
 /// The modules benchmarked at every level.
 pub const MODULES: [&str; 2] = ["smfs", "snfs"];
 
@@ -572,15 +585,22 @@ pub fn run_with_recovery(
     }
     let base = std::env::temp_dir().join(format!("kintsugi-bench-fs-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(io("mkdir", &base))?;
-    let mut rows = Vec::new();
+    // Every file system is mounted for the whole run and the timed work is interleaved:
+    // `ROUNDS` rounds, each giving every file system an equal share of the copies (in an order
+    // rotated per round), then one build each per compile repetition. This VM's speed drifts
+    // over seconds (a neighbour, the host's own load): measured one file system after the
+    // other, a drift lands on whichever level runs then (SNFS level 5 varied 540–770 µs from
+    // run to run that way); interleaved, it lands on every level alike, so the ratios hold.
+    let mut targets = Vec::new();
     for (fs, level) in SYSTEMS {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == fs) {
             continue;
         }
-        progress(&format!(
+        let name = format!(
             "{fs}{}",
             level.map(|l| format!(" level {l}")).unwrap_or_default()
-        ));
+        );
+        progress(&format!("mounting {name}"));
         let t = match (fs, level) {
             ("tmpfs", _) => Target::tmpfs(&base)?,
             ("fuser_plain", _) => Target::kintsugi(&base, &opts.exe, crate::mount::PLAIN, 5, &[])?,
@@ -594,31 +614,65 @@ pub fn run_with_recovery(
             ("snfs", l) => Target::snfs(&base, &opts.exe, l.unwrap_or(5), &[])?,
             (_, l) => Target::kintsugi(&base, &opts.exe, "smfs", l.unwrap_or(5), &[])?,
         };
-        for (workload, samples) in [
-            ("copy64k", copy64k(&t.dir, opts.copy_reps)?),
-            ("compile", compile(&t.dir, opts.compile_reps)?),
-        ] {
-            let mut s = samples;
-            s.sort_by(f64::total_cmp);
+        copy64k_prepare(&t.dir, opts.copy_reps / 20 + 1)?;
+        compile_prepare(&t.dir)?;
+        targets.push((fs, level, name, t));
+    }
+    let n = targets.len();
+    let rounds = ROUNDS.min(opts.copy_reps.max(1));
+    let mut copies: Vec<Vec<f64>> = vec![Vec::with_capacity(opts.copy_reps); n];
+    for r in 0..rounds {
+        progress(&format!("copy64k, round {} of {rounds}", r + 1));
+        // This round's share: the repetitions split as evenly as they go.
+        let share = opts.copy_reps * (r + 1) / rounds - opts.copy_reps * r / rounds;
+        for k in 0..n {
+            let i = (k + r) % n;
+            copies[i].extend(copy64k(&targets[i].3.dir, share)?);
+        }
+    }
+    let mut builds: Vec<Vec<f64>> = vec![Vec::with_capacity(opts.compile_reps); n];
+    for r in 0..opts.compile_reps {
+        progress(&format!(
+            "compile, build {} of {}",
+            r + 1,
+            opts.compile_reps
+        ));
+        for k in 0..n {
+            let i = (k + r) % n;
+            builds[i].push(compile_once(&targets[i].3.dir.join("build"))?);
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, (fs, level, _, _)) in targets.iter().enumerate() {
+        for (workload, samples) in [("copy64k", &mut copies[i]), ("compile", &mut builds[i])] {
+            samples.sort_by(f64::total_cmp);
             rows.push(Row {
                 fs,
-                level,
+                level: *level,
                 workload,
-                median_us: round1(pct(&s, 0.5)),
-                p99_us: round1(pct(&s, 0.99)),
+                median_us: round1(pct(samples, 0.5)),
+                p99_us: round1(pct(samples, 0.99)),
                 ratio_to_level5: None,
             });
         }
-        if fs == "smfs" && level == Some(4) && crashes > 0 {
-            let v = recovery(&t.dir, crashes)?;
-            rec = Some(Recovery {
-                median_us: pct(&v, 0.5),
-                p99_us: pct(&v, 0.99),
-                crashes,
-            });
-        }
+    }
+    // Crash recovery last, so the timed rounds ran on modules that never crashed.
+    if crashes > 0
+        && let Some((.., name, t)) = targets
+            .iter()
+            .find(|(fs, level, ..)| *fs == "smfs" && *level == Some(4))
+    {
+        progress(&format!("{name}: {crashes} module crashes"));
+        let v = recovery(&t.dir, crashes)?;
+        rec = Some(Recovery {
+            median_us: pct(&v, 0.5),
+            p99_us: pct(&v, 0.99),
+            crashes,
+        });
+    }
+    // Unmounted (and their servers stopped) in reverse order of mounting.
+    while let Some(t) = targets.pop() {
         drop(t);
-        std::thread::sleep(Duration::from_millis(50));
     }
     let _ = std::fs::remove_dir(&base);
     for w in ["copy64k", "compile"] {

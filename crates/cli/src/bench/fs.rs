@@ -1,6 +1,6 @@
 //! `kintsugi bench fs`: copy64k and compile on tmpfs, the plain-fuser baseline, SMFS at every
-//! level, and SNFS at every level beside its bare-client baseline, in one run. The work is in
-//! `fshost::bench`; this prints it.
+//! level, and SNFS at every level beside its bare-client baseline, all mounted at once with the
+//! timed work interleaved. The work is in `fshost::bench`; this prints it.
 
 use std::process::ExitCode;
 

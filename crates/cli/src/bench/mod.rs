@@ -16,7 +16,8 @@ pub mod watch;
 pub enum Bench {
     /// Deadlock detection at level 4: detection latency per checker interval, checker cost.
     Deadlock(deadlock::Args),
-    /// File-system modules: copy64k and compile on tmpfs, plain fuser, SMFS at levels 5 and 4.
+    /// File-system modules: copy64k and compile on tmpfs, plain fuser, and SMFS and SNFS at
+    /// every level (all mounted at once, the work interleaved).
     Fs(fs::Args),
     /// Fault-injection campaign: compiled-in fault sites fired under a multi-client workload,
     /// with containment, restart-only and no recovery side by side.

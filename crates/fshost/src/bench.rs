@@ -179,6 +179,22 @@ fn compile_once(dir: &Path) -> Result<f64, HostError> {
     Ok(t.elapsed().as_secs_f64() * 1e6)
 }
 
+/// `reps` requests that do nothing: `close(dup(fd))` on a file of `dir` sends one FLUSH, which
+/// both modules answer without touching host data or the server. What is left is the module
+/// boundary: FUSE plus, at levels 1–4, the ring round trip to the module's process. µs each.
+fn null_requests(dir: &Path, reps: usize) -> Result<Vec<f64>, HostError> {
+    let src = dir.join("copy-src");
+    let f = std::fs::File::open(&src).map_err(io("open", &src))?;
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            let d = f.try_clone().map_err(io("dup", &src))?;
+            drop(d);
+            Ok(t.elapsed().as_secs_f64() * 1e6)
+        })
+        .collect()
+}
+
 /// Writes the compile workload's sources on `dir` and builds them once (warm-up, and proof
 /// that they build).
 fn compile_prepare(dir: &Path) -> Result<(), HostError> {
@@ -551,6 +567,8 @@ pub const SYSTEMS: [(&str, Option<u8>); 15] = [
 
 /// Rounds the copies are interleaved in (fewer if there are fewer copies).
 const ROUNDS: usize = 10;
+/// Null requests per file system ([`null_requests`]), in [`ROUNDS`] rounds.
+const NULL_REPS: usize = 5000;
 
 /// The modules benchmarked at every level.
 pub const MODULES: [&str; 2] = ["smfs", "snfs"];
@@ -569,12 +587,22 @@ pub fn run(opts: &Opts, progress: impl FnMut(&str)) -> Result<Vec<Row>, HostErro
     run_with_recovery(opts, 0, progress).map(|(rows, _)| rows)
 }
 
-/// [`run`], plus `crashes` measured level-4 recoveries (0: none).
+/// What the human output shows beside the rows.
+#[derive(Debug, Clone)]
+pub struct Extras {
+    /// `crashes` measured level-4 recoveries, if asked for.
+    pub recovery: Option<Recovery>,
+    /// Median µs of a request that does nothing ([`null_requests`]), per file system and
+    /// level, in row order: the price of the module boundary alone.
+    pub null_request: Vec<(&'static str, Option<u8>, f64)>,
+}
+
+/// [`run`], plus `crashes` measured level-4 recoveries (0: none) and the null-request costs.
 pub fn run_with_recovery(
     opts: &Opts,
     crashes: usize,
     mut progress: impl FnMut(&str),
-) -> Result<(Vec<Row>, Option<Recovery>), HostError> {
+) -> Result<(Vec<Row>, Extras), HostError> {
     let mut rec = None;
     if let Some(c) = opts.cpu {
         let mut set = rustix::thread::CpuSet::new();
@@ -630,6 +658,14 @@ pub fn run_with_recovery(
             copies[i].extend(copy64k(&targets[i].3.dir, share)?);
         }
     }
+    let mut nulls: Vec<Vec<f64>> = vec![Vec::with_capacity(NULL_REPS); n];
+    progress("null requests");
+    for r in 0..ROUNDS {
+        for k in 0..n {
+            let i = (k + r) % n;
+            nulls[i].extend(null_requests(&targets[i].3.dir, NULL_REPS / ROUNDS)?);
+        }
+    }
     let mut builds: Vec<Vec<f64>> = vec![Vec::with_capacity(opts.compile_reps); n];
     for r in 0..opts.compile_reps {
         progress(&format!(
@@ -656,6 +692,14 @@ pub fn run_with_recovery(
             });
         }
     }
+    let null_request = targets
+        .iter()
+        .zip(&mut nulls)
+        .map(|((fs, level, ..), v)| {
+            v.sort_by(f64::total_cmp);
+            (*fs, *level, round1(pct(v, 0.5)))
+        })
+        .collect();
     // Crash recovery last, so the timed rounds ran on modules that never crashed.
     if crashes > 0
         && let Some((.., name, t)) = targets
@@ -691,5 +735,11 @@ pub fn run_with_recovery(
             }
         }
     }
-    Ok((rows, rec))
+    Ok((
+        rows,
+        Extras {
+            recovery: rec,
+            null_request,
+        },
+    ))
 }

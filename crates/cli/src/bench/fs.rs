@@ -64,7 +64,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let json = a.json;
     let crashes = if json { 0 } else { a.crashes };
-    let (rows, rec) = fshost::bench::run_with_recovery(&opts, crashes, |what| {
+    let (rows, extras) = fshost::bench::run_with_recovery(&opts, crashes, |what| {
         if !json {
             eprintln!("bench fs: {what} …");
         }
@@ -116,7 +116,18 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if let Some(r) = rec {
+    println!(
+        "\nper request: a request that does nothing (close(dup(fd)), one FLUSH), median; what a level adds to it is the module boundary:"
+    );
+    for (fs, level, us) in &extras.null_request {
+        println!(
+            "  {:<18} {:>5} {:>8.1} us",
+            fs,
+            level.map_or("-".into(), |l| l.to_string()),
+            us
+        );
+    }
+    if let Some(r) = extras.recovery {
         println!(
             "level-4 recovery (module SIGKILLed mid-write -> rolled back -> restarted -> write answered): median {:.0} us, p99 {:.0} us over {} crashes",
             r.median_us, r.p99_us, r.crashes

@@ -93,8 +93,9 @@ fn copy64k_prepare(dir: &Path, warm: usize) -> Result<(), HostError> {
         *b = (i * 31 % 251) as u8;
     }
     std::fs::write(&src, &data).map_err(io("write", &src))?;
+    let dst = dir.join("copy-dst");
     for _ in 0..warm {
-        copy_once(&src, &dir.join("copy-dst"))?;
+        copy_once(&src, &dst)?;
     }
     Ok(())
 }

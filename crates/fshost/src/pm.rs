@@ -509,14 +509,16 @@ impl<'a> HostPm<'a> {
     /// Writes `data` to the store now, logging the old bytes first (unless the block is fresh
     /// in this request).
     fn apply(&mut self, b: u64, off: usize, data: &[u8]) -> FsResult<()> {
-        let mut old = vec![0u8; data.len()];
         if self.log.is_some() && !self.fresh.contains(&b) {
+            let mut old = vec![0u8; data.len()];
             self.sread(b, off, &mut old);
+            return self.apply_over(b, off, &old, data);
         }
-        self.apply_over(b, off, &old, data)
+        self.apply_over(b, off, &[], data)
     }
 
-    /// [`HostPm::apply`] with the old bytes already read (`old`, as long as `data`).
+    /// [`HostPm::apply`] with the old bytes already read (`old`, as long as `data`; only read
+    /// when the change is logged).
     fn apply_over(&mut self, b: u64, off: usize, old: &[u8], data: &[u8]) -> FsResult<()> {
         if self.log.is_some() && !self.fresh.contains(&b) {
             self.log(K_BLOCK, b, off as u64, old)?;

@@ -297,6 +297,8 @@ pub struct Remote {
     history: Mutex<HashMap<u64, VecDeque<Instant>>>,
     /// The deadlock checker and its per-context state.
     deadlock: crate::deadlock::Detector,
+    /// The FUSE reader gate: a slow round trip lets another reader in.
+    gate: Arc<crate::gate::Gate>,
     /// Keep the supervisors (and thus the module processes) alive; dropping them kills them.
     _supervisors: Vec<std::thread::JoinHandle<()>>,
 }
@@ -335,6 +337,15 @@ impl HostPage {
 const DIRECT_OWNER: Owner = Owner(255);
 
 impl Backend {
+    /// The FUSE reader gate: one reader per context at levels 1–4, a single reader (and so no
+    /// gating) at level 5, where requests run in the reader thread itself.
+    pub fn gate(&self) -> Arc<crate::gate::Gate> {
+        match self {
+            Backend::Direct(..) => Arc::new(crate::gate::Gate::new(1)),
+            Backend::Remote(r, ..) => r.gate.clone(),
+        }
+    }
+
     /// Level 5: the module runs in this process.
     pub fn direct(module: Box<dyn Module>, store: Arc<Store>) -> Result<Backend, crate::HostError> {
         Ok(Backend::Direct(
@@ -411,6 +422,7 @@ impl Backend {
                 stale: (0..n).map(|_| AtomicBool::new(false)).collect(),
                 history: Mutex::new(HashMap::new()),
                 deadlock,
+                gate: Arc::new(crate::gate::Gate::new(n)),
                 _supervisors: sups,
             }),
             store,
@@ -796,6 +808,7 @@ fn run_in_context(
             r.deadline,
             Duration::from_secs(5),
             || r.kill_context(slot),
+            || r.gate.slow(),
         );
         let fail = match outcome {
             Ok(out) => {

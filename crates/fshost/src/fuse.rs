@@ -27,6 +27,7 @@ use fuser::{
 
 use crate::backend::{Backend, Stats};
 use crate::fuse_conv::{ctx, err, file_type, fuse_attr, system_to_ts, time_set};
+use crate::gate::Gate;
 use crate::pm::Fault;
 use crate::wire::{Op, OpClass, Reply, Request};
 
@@ -80,10 +81,13 @@ pub struct HostFs {
     /// from it, so a reader never splices two different versions (counters change between
     /// the reads and the text's length with them).
     status_snap: Mutex<Vec<u8>>,
+    /// Keeps one FUSE reader thread in `read` at a time (see `gate`); every callback enters it.
+    gate: Arc<Gate>,
 }
 
 impl HostFs {
     pub fn new(backend: Backend, module: String, stats: Arc<Stats>) -> HostFs {
+        let gate = backend.gate();
         HostFs {
             backend,
             module,
@@ -97,7 +101,13 @@ impl HostFs {
             generation_seen: std::sync::atomic::AtomicU32::new(0),
             last_fsck: Mutex::new(None),
             status_snap: Mutex::new(Vec::new()),
+            gate,
         }
+    }
+
+    /// How many FUSE reader threads to serve with: one per module context.
+    pub fn reader_threads(&self) -> usize {
+        self.gate.threads()
     }
 
     /// Level 5 under rfork supervision (see `l5`): requests are recorded in shared words so a
@@ -323,6 +333,7 @@ impl Filesystem for HostFs {
     }
 
     fn lookup(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _serving = self.gate.enter();
         if parent.0 == Ino::ROOT.0 && name == STATUS_FILE {
             return reply.entry(&Duration::ZERO, &self.status_attr(), Generation(0));
         }
@@ -337,6 +348,7 @@ impl Filesystem for HostFs {
     }
 
     fn forget(&self, _req: &fuser::Request, ino: INodeNo, nlookup: u64) {
+        let _serving = self.gate.enter();
         let mut t = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = t.get_mut(&Ino(ino.0)) {
             *n = n.saturating_sub(nlookup);
@@ -353,6 +365,7 @@ impl Filesystem for HostFs {
         _fh: Option<FileHandle>,
         reply: ReplyAttr,
     ) {
+        let _serving = self.gate.enter();
         if ino.0 == STATUS_INO {
             return reply.attr(&Duration::ZERO, &self.status_attr());
         }
@@ -396,6 +409,7 @@ impl Filesystem for HostFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _serving = self.gate.enter();
         if ino.0 == STATUS_INO {
             return reply.error(fuser::Errno::EACCES);
         }
@@ -422,6 +436,7 @@ impl Filesystem for HostFs {
     }
 
     fn readlink(&self, req: &fuser::Request, ino: INodeNo, reply: ReplyData) {
+        let _serving = self.gate.enter();
         match self.call(self.ctx(req), Op::Readlink { ino: Ino(ino.0) }) {
             Reply::Data(d) => reply.data(&d),
             Reply::Err(e) => reply.error(err(e)),
@@ -439,6 +454,7 @@ impl Filesystem for HostFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _serving = self.gate.enter();
         let op = Op::Mknod {
             parent: Ino(parent.0),
             name: name.as_bytes().to_vec(),
@@ -459,6 +475,7 @@ impl Filesystem for HostFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _serving = self.gate.enter();
         let r = self.call(
             self.ctx(req),
             Op::Mkdir {
@@ -472,6 +489,7 @@ impl Filesystem for HostFs {
     }
 
     fn unlink(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _serving = self.gate.enter();
         Self::empty(
             self.call(
                 self.ctx(req),
@@ -485,6 +503,7 @@ impl Filesystem for HostFs {
     }
 
     fn rmdir(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _serving = self.gate.enter();
         Self::empty(
             self.call(
                 self.ctx(req),
@@ -505,6 +524,7 @@ impl Filesystem for HostFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _serving = self.gate.enter();
         let op = Op::Symlink {
             parent: Ino(parent.0),
             name: link_name.as_bytes().to_vec(),
@@ -524,6 +544,7 @@ impl Filesystem for HostFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.gate.enter();
         let op = Op::Rename {
             parent: Ino(parent.0),
             name: name.as_bytes().to_vec(),
@@ -542,6 +563,7 @@ impl Filesystem for HostFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _serving = self.gate.enter();
         let op = Op::Link {
             ino: Ino(ino.0),
             newparent: Ino(newparent.0),
@@ -552,6 +574,7 @@ impl Filesystem for HostFs {
     }
 
     fn open(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _serving = self.gate.enter();
         if ino.0 == STATUS_INO {
             if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
                 return reply.error(fuser::Errno::EACCES);
@@ -583,6 +606,7 @@ impl Filesystem for HostFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _serving = self.gate.enter();
         if ino.0 == STATUS_INO {
             let mut snap = self.status_snap.lock().unwrap_or_else(|p| p.into_inner());
             if offset == 0 {
@@ -618,6 +642,7 @@ impl Filesystem for HostFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _serving = self.gate.enter();
         let op = Op::Write {
             ino: Ino(ino.0),
             fh: self.module_fh(fh),
@@ -639,6 +664,7 @@ impl Filesystem for HostFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.gate.enter();
         Self::empty(
             self.call(
                 self.ctx(req),
@@ -661,6 +687,7 @@ impl Filesystem for HostFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.gate.enter();
         if ino.0 == STATUS_INO {
             return reply.ok();
         }
@@ -685,6 +712,7 @@ impl Filesystem for HostFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.gate.enter();
         Self::empty(
             self.call(
                 self.ctx(req),
@@ -706,6 +734,7 @@ impl Filesystem for HostFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _serving = self.gate.enter();
         match self.call(
             self.ctx(req),
             Op::Readdir {
@@ -733,6 +762,7 @@ impl Filesystem for HostFs {
     }
 
     fn statfs(&self, req: &fuser::Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _serving = self.gate.enter();
         match self.call(self.ctx(req), Op::Statfs) {
             Reply::StatFs(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
@@ -752,6 +782,7 @@ impl Filesystem for HostFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.gate.enter();
         if ino.0 == Ino::ROOT.0 && name == XATTR_SITE {
             match self.arm_site(value) {
                 Ok(()) => reply.ok(),
@@ -783,16 +814,19 @@ impl Filesystem for HostFs {
         _size: u32,
         reply: ReplyXattr,
     ) {
+        let _serving = self.gate.enter();
         // ENOSYS makes the kernel stop asking (it would otherwise look up security.capability
         // before every write: one more round trip each).
         reply.error(fuser::Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &fuser::Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        let _serving = self.gate.enter();
         reply.error(fuser::Errno::ENOSYS);
     }
 
     fn removexattr(&self, _req: &fuser::Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _serving = self.gate.enter();
         reply.error(fuser::Errno::EOPNOTSUPP);
     }
 
@@ -806,6 +840,7 @@ impl Filesystem for HostFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _serving = self.gate.enter();
         let op = Op::Create {
             parent: Ino(parent.0),
             name: name.as_bytes().to_vec(),

@@ -8,6 +8,7 @@
 //! - [`backend`]: level 5 (direct calls) and level 4 (separate process, undo log, rfork
 //!   supervision, per-request deadline, rollback + retry).
 //! - [`fuse`]: the `fuser` front end, inode and open-file tables, the control xattrs.
+//! - [`gate`]: one FUSE reader thread at a time at levels 1–4, more when a request is slow.
 //! - [`mount`]: `kintsugi mount`/`umount`/`fsctl` logic (daemonizing, clear errors).
 //! - [`plain`]: the minimal plain-`fuser` RAM file system used as the benchmark baseline.
 //! - [`bench`]: `kintsugi bench fs`.
@@ -21,6 +22,7 @@ pub mod check;
 pub mod deadlock;
 pub mod fuse;
 pub mod fuse_conv;
+pub mod gate;
 pub mod l5;
 pub mod mount;
 pub mod plain;

@@ -275,10 +275,8 @@ fn serve_inner(
         }
         _ => None,
     };
-    let threads = match opts.level {
-        Level::L5 => 1,
-        _ => opts.contexts.contexts.clamp(1, crate::ring::MAX_SLOTS),
-    };
+    // One reader thread per context: the backend's reader gate (crate::gate) counts them.
+    let threads = fs.reader_threads();
     unmount_on_signals(mp, set);
     let session = fuser::Session::new(fs, mp, &fuse_config(&name, threads))
         .map_err(|e| HostError::Mount(path_str(mp), e))?;

@@ -217,7 +217,9 @@ impl Ring {
 
     /// Host side: posts `req` in slot `i` and waits for the reply bytes. `deadline` bounds
     /// the wait; then `kill_worker` is called once and the host waits up to `grace` more for the
-    /// supervisor to confirm the death.
+    /// supervisor to confirm the death. `slow` is called once if the wait outlasts
+    /// [`crate::gate::SLOW`] (the reader gate lets another FUSE thread read).
+    #[allow(clippy::too_many_arguments)]
     pub fn roundtrip(
         &self,
         i: usize,
@@ -226,6 +228,7 @@ impl Ring {
         deadline: Duration,
         grace: Duration,
         mut kill_worker: impl FnMut(),
+        mut slow: impl FnMut(),
     ) -> Result<Vec<u8>, Failure> {
         assert!(
             req.len() <= SLOT_BUF,
@@ -247,6 +250,7 @@ impl Ring {
         self.wake(i, S_WORKER_SLEEPS);
         let start = Instant::now();
         let mut killed_at: Option<Instant> = None;
+        let mut was_slow = false;
         loop {
             let s = state.load(Ordering::Acquire);
             match s {
@@ -295,9 +299,21 @@ impl Ring {
                 }
                 _ => {}
             }
+            // The first nap ends at gate::SLOW (never shorter: see there why a short futex
+            // timeout is expensive here), the rest every 20 ms to re-check the deadline.
+            let mut nap = Duration::from_millis(20);
+            if !was_slow {
+                match crate::gate::SLOW.checked_sub(elapsed) {
+                    Some(left) if !left.is_zero() => nap = nap.min(left),
+                    _ => {
+                        was_slow = true;
+                        slow();
+                    }
+                }
+            }
             let sleeps = self.word(i, S_HOST_SLEEPS);
             sleeps.store(1, Ordering::SeqCst);
-            let _ = futex_wait(state, s, Some(Duration::from_millis(20)));
+            let _ = futex_wait(state, s, Some(nap));
             sleeps.store(0, Ordering::SeqCst);
         }
     }
@@ -540,11 +556,13 @@ mod tests {
             Duration::from_secs(5),
             Duration::from_secs(1),
             || {},
+            || {},
         );
         assert_eq!(out.unwrap(), b"cba");
         // A request over its deadline: the kill callback runs, and with no supervisor to confirm
         // a death the host takes the slot back after the grace period and reports a hang.
         let mut killed = false;
+        let mut slow = false;
         let out = r.roundtrip(
             0,
             b"x",
@@ -552,8 +570,10 @@ mod tests {
             Duration::from_millis(50),
             Duration::from_millis(50),
             || killed = true,
+            || slow = true,
         );
         assert!(killed);
+        assert!(slow, "a wait past gate::SLOW reports itself");
         assert_eq!(out, Err(Failure::Hung));
     }
 }

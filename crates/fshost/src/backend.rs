@@ -337,8 +337,9 @@ impl HostPage {
 const DIRECT_OWNER: Owner = Owner(255);
 
 impl Backend {
-    /// The FUSE reader gate: one reader per context at levels 1–4, a single reader (and so no
-    /// gating) at level 5, where requests run in the reader thread itself.
+    /// The FUSE reader gate: one reader thread per context at levels 1–4, gated to as many
+    /// reading as CPUs; a single thread (and so no gating) at level 5, where requests run in
+    /// the reader thread itself.
     pub fn gate(&self) -> Arc<crate::gate::Gate> {
         match self {
             Backend::Direct(..) => Arc::new(crate::gate::Gate::new(1)),

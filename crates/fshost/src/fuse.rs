@@ -81,7 +81,7 @@ pub struct HostFs {
     /// from it, so a reader never splices two different versions (counters change between
     /// the reads and the text's length with them).
     status_snap: Mutex<Vec<u8>>,
-    /// Keeps one FUSE reader thread in `read` at a time (see `gate`); every callback enters it.
+    /// Keeps as many FUSE reader threads in `read` as CPUs (see `gate`); every callback enters it.
     gate: Arc<Gate>,
 }
 

@@ -1,4 +1,5 @@
-//! The reader gate: one FUSE reader thread at a time, more only when a request is slow.
+//! The reader gate: as many FUSE reader threads in `read` as there are CPUs to run them, more
+//! only when a request is slow.
 //!
 //! Levels 1–4 serve with one FUSE reader thread per module context, so that several requests
 //! can run at once (other clients, lock waits, the deadlock tests). Left alone, the kernel
@@ -24,7 +25,10 @@
 //!
 //! `fuser` owns the read loop (`Session::run` reads, dispatches, reads again), so the gate
 //! sits at the edges of the callbacks: [`Gate::enter`] at the start of each one, and the
-//! returned guard parks on drop, after the reply has gone out. A parked thread also goes back
+//! returned guard parks on drop, after the reply has gone out. A callback that does not enter
+//! (fuser's defaults for operations the host does not implement) leaves its thread counted as
+//! reading while it runs; those answer at once, so the count is off only for that instant. A
+//! parked thread also goes back
 //! to `read` after [`PARK_MAX`] on its own: an unmount ends the session by failing `read` with
 //! `ENODEV`, which a parked thread would never see, and `Session::run` joins every thread.
 //!

@@ -8,7 +8,7 @@
 //! - [`backend`]: level 5 (direct calls) and level 4 (separate process, undo log, rfork
 //!   supervision, per-request deadline, rollback + retry).
 //! - [`fuse`]: the `fuser` front end, inode and open-file tables, the control xattrs.
-//! - [`gate`]: one FUSE reader thread at a time at levels 1–4, more when a request is slow.
+//! - [`gate`]: at levels 1–4, as many FUSE threads reading as CPUs, more when a request is slow.
 //! - [`mount`]: `kintsugi mount`/`umount`/`fsctl` logic (daemonizing, clear errors).
 //! - [`plain`]: the minimal plain-`fuser` RAM file system used as the benchmark baseline.
 //! - [`bench`]: `kintsugi bench fs`.

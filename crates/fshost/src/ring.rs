@@ -219,6 +219,8 @@ impl Ring {
     /// the wait; then `kill_worker` is called once and the host waits up to `grace` more for the
     /// supervisor to confirm the death. `slow` is called once if the wait outlasts
     /// [`crate::gate::SLOW`] (the reader gate lets another FUSE thread read).
+    // Eight arguments: the two callbacks are the host's hooks (kill, gate), kept as closures so
+    // the ring knows neither the supervisor nor the gate.
     #[allow(clippy::too_many_arguments)]
     pub fn roundtrip(
         &self,
